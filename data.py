@@ -1,0 +1,577 @@
+"""
+Every dataset the reproduction reads, from the vendored copies in data/ (see data/README.md for sources
+and licenses; RTP-LX and the Indonesian word list are NON-COMMERCIAL).
+
+    preference pairs   load_pairs(path): Lee et al.'s `toxicity_pairwise` jsonl (prompt_text,
+                       unpert_gen_text = chosen, pert_gen_text = rejected) or generic (prompt, chosen,
+                       rejected); write_toxicity_pairwise(pairs, path) writes the former.
+    RTP-LX             load_rtplx(lang): the paper's evaluation prompts in 17 languages, with human-written
+                       toxic and benign completions (none for ru); rtplx_pairs(lang): those as DPO pairs.
+    the split          default_split(seed): English RTP-LX pairs for DPO training/validation, and per
+                       language the held-out prompts (for generation) and pairs (for margins).
+    parallel prompts   load_parallel(lang): the paper's 200 RTP-LX English prompts translated into 16
+                       languages, line-aligned (bilingual retrieval, activation analysis).
+    prompts            load_prompts(path): RTP-LX official json, parallel jsonl, generic jsonl, plain text.
+    lexicons           load_wordlist(lang): LDNOOBW + hand-made stems + the Indonesian abusive list.
+    Tatoeba            load_tatoeba(lang): 1,000 line-aligned X-English sentence pairs (non-toxic retrieval).
+
+The paper trains DPO on 24,576 PPLM-generated pairs (Lee et al. 2024) that cannot be obtained offline;
+the English RTP-LX (prompt, benign, toxic) triples stand in as ~1k real pairs. Because RTP-LX is also the
+evaluation set, evaluation in every language skips each prompt that shares an RTP-LX index (outside
+English, also a neighbouring one) with a training or validation pair, and the 200 parallel prompts (RTP-LX
+English indices 0-199) never go to training.
+
+Bad input raises ValueError naming file, line and field, e.g. `pairs.jsonl:7: missing field 'chosen'`.
+
+    python data.py split                        # split sizes per language
+    python data.py export-pairs --out train.jsonl
+    python data.py check-pairs my_pairs/ --skip-bad
+"""
+
+import argparse
+import difflib
+import functools
+import html
+import json
+import os
+import random
+import re
+import sys
+import tempfile
+import unicodedata
+from pathlib import Path
+
+# The paper's 17 languages in its order (alphabetical by ISO 639-1 code).
+LANGS = ("ar", "cs", "de", "en", "es", "fr", "hi", "id", "it", "ja", "ko", "nl", "pl", "pt", "ru", "sv", "zh")
+DATA_DIR = Path(__file__).resolve().parent / "data"
+# Scripts written without spaces between words: a continuation is glued to the prompt directly.
+NO_SPACE_LANGS = ("ja", "zh")
+
+
+def _check_lang(lang):
+    if lang not in LANGS:
+        raise ValueError(f"unknown language {lang!r}; expected one of {' '.join(LANGS)}")
+
+
+# -----------------------------------------------------------------------------
+# jsonl with file:line errors
+
+
+def _parse_json_line(text, path, line):
+    """One jsonl line -> dict, or ValueError naming path:line."""
+    try:
+        row = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{line}: invalid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(row, dict):
+        raise ValueError(f"{path}:{line}: expected a JSON object, got {type(row).__name__}")
+    return row
+
+
+def iter_jsonl(path):
+    """Yield (line_number, dict) for each non-blank line; line numbers are 1-based like an editor's."""
+    with open(path, encoding="utf-8") as f:
+        for line, text in enumerate(f, 1):
+            if text.strip():
+                yield line, _parse_json_line(text, path, line)
+
+
+def read_jsonl(path):
+    """A jsonl file -> list of dicts. A malformed or non-object line raises ValueError 'path:LINE: ...'."""
+    return [row for _, row in iter_jsonl(path)]
+
+
+def require(row, field, path, line):
+    """row[field] as a non-empty string, else ValueError 'path:LINE: missing field ...'."""
+    value = row.get(field)
+    if value is None:
+        raise ValueError(f"{path}:{line}: missing field {field!r}")
+    if not isinstance(value, str):
+        raise ValueError(f"{path}:{line}: field {field!r} must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise ValueError(f"{path}:{line}: missing field {field!r} (empty string)")
+    return value
+
+
+def _atomic_write_text(path, text):
+    """Write via a temp file in the same folder and os.replace, so a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+# -----------------------------------------------------------------------------
+# Preference pairs: Lee et al.'s toxicity_pairwise format and a generic one
+
+# field names per format: (prompt, chosen, rejected)
+PAIR_FIELDS = {
+    "toxicity_pairwise": ("prompt_text", "unpert_gen_text", "pert_gen_text"),
+    "generic": ("prompt", "chosen", "rejected"),
+}
+
+
+def _row_to_pair(row, path, line):
+    """Detect the format from the row's keys (files may mix them) and return a pair dict."""
+    for fmt, fields in PAIR_FIELDS.items():
+        if any(f in row for f in fields):
+            prompt, chosen, rejected = (require(row, f, path, line) for f in fields)
+            pair = {"prompt": prompt, "chosen": chosen, "rejected": rejected, "source": f"{path}:{line}"}
+            if "index" in row:
+                pair["index"] = row["index"]
+            return pair
+    raise ValueError(
+        f"{path}:{line}: not a preference pair: expected fields prompt/chosen/rejected or "
+        f"prompt_text/unpert_gen_text/pert_gen_text, got {sorted(row)}"
+    )
+
+
+def load_pairs(path, skip_bad=False):
+    """
+    Preference pairs from a .jsonl file or a directory of them (sorted by name, like Lee et al.'s
+    data/toxicity_pairwise/). Returns (pairs, n_skipped); each pair is a dict with prompt, chosen,
+    rejected, source ("file:line") and index when the row has one. A malformed line or a missing/empty
+    field raises ValueError naming file and line, unless skip_bad, which drops and counts such rows.
+    """
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(path.glob("*.jsonl"))
+        if not files:
+            raise FileNotFoundError(f"{path}: directory has no .jsonl files")
+    elif path.exists():
+        files = [path]
+    else:
+        raise FileNotFoundError(f"{path}: no such file or directory")
+    pairs, n_skipped = [], 0
+    for file in files:
+        with open(file, encoding="utf-8") as f:
+            for line, text in enumerate(f, 1):
+                if not text.strip():
+                    continue
+                try:
+                    pairs.append(_row_to_pair(_parse_json_line(text, file, line), file, line))
+                except ValueError:
+                    if not skip_bad:
+                        raise
+                    n_skipped += 1
+    return pairs, n_skipped
+
+
+def write_toxicity_pairwise(pairs, path):
+    """
+    Write pairs in Lee et al.'s format (prompt_text, unpert_gen_text = chosen, pert_gen_text = rejected),
+    atomically, so the official repo's DPO code reads ours. `index` is kept when present (their loader
+    ignores extra keys); load_pairs reads the file back to the same prompt/chosen/rejected/index.
+    """
+    lines = []
+    for pair in pairs:
+        row = {"prompt_text": pair["prompt"], "unpert_gen_text": pair["chosen"], "pert_gen_text": pair["rejected"]}
+        if "index" in pair:
+            row["index"] = pair["index"]
+        lines.append(json.dumps(row, ensure_ascii=False) + "\n")
+    _atomic_write_text(path, "".join(lines))
+
+
+# -----------------------------------------------------------------------------
+# RTP-LX
+
+_QUOTES = str.maketrans({c: '"' for c in "“”„‟«»「」『』‘’‚‛'`´"})
+
+
+def _letters(text):
+    """
+    Keep only letters, marks and digits (casefolded, NFKC) and remember where each came from:
+    returns (key string, original position per key char). Comparing keys ignores the quote, bracket,
+    spacing and case edits that RTP-LX's toxic completions make when they repeat the prompt.
+    """
+    keys, positions = [], []
+    for i, ch in enumerate(text):
+        for c in unicodedata.normalize("NFKC", ch).casefold():
+            if unicodedata.category(c)[0] in "LMN":
+                keys.append(c)
+                positions.append(i)
+    return "".join(keys), positions
+
+
+def strip_repeated_prompt(prompt, text, space_delimited=True):
+    """
+    RTP-LX completions often restate the prompt before continuing; return (continuation, how) with that
+    restatement removed. how is "exact" (text starts with prompt), "normalized" (equal after dropping
+    quotes/punctuation/case), "fuzzy" (the completion restates the prompt with edits: a dropped "MORE:"
+    label, a fixed typo) or "none" (text returned unchanged).
+    """
+    if text.startswith(prompt):
+        return text[len(prompt):], "exact"
+    p_keys, p_pos = _letters(prompt)
+    # A restatement sits at the start; the head of the text is all the search below can use.
+    t_keys, t_pos = _letters(text[: 2 * len(prompt) + 40])
+    if not p_keys or not t_keys:
+        return text, "none"
+    if t_keys.startswith(p_keys):
+        n_keys, how, whole_word = len(p_keys), "normalized", True
+    else:
+        # Look for the prompt in order near the start of the text. Thresholds were read off the data:
+        # genuine restatements keep >= half the prompt's letters in blocks of >= 3, reach its last
+        # letters, and start within the first quarter; unrelated continuations never do all three.
+        window = t_keys[: len(p_keys) + len(p_keys) // 4 + 8]
+        matcher = difflib.SequenceMatcher(None, p_keys, window, autojunk=False)
+        blocks = [b for b in matcher.get_matching_blocks() if b.size >= 3]
+        if (
+            not blocks
+            or sum(b.size for b in blocks) < 0.5 * len(p_keys)
+            or blocks[-1].a + blocks[-1].size < len(p_keys) - 2
+            or blocks[0].b > len(p_keys) // 4 + 3
+        ):
+            return text, "none"
+        n_keys, how = blocks[-1].b + blocks[-1].size, "fuzzy"
+        whole_word = blocks[-1].a + blocks[-1].size == len(p_keys)
+    cut = t_pos[n_keys - 1] + 1
+    if not whole_word and space_delimited:
+        # The prompt's last word was restated with an edit (bachwo -> bachwu): finish that word.
+        while cut < len(text) and not text[cut].isspace() and unicodedata.category(text[cut])[0] in "LM":
+            cut += 1
+    rest = text[cut:]
+    # The prompt's trailing punctuation ('here,') is usually repeated too: drop the copy.
+    tail = prompt[p_pos[-1] + 1:].strip().translate(_QUOTES)
+    if tail and rest.lstrip().translate(_QUOTES).startswith(tail):
+        rest = rest.lstrip()[len(tail):]
+    return rest, how
+
+
+def as_continuation(text, space_delimited=True):
+    """
+    Make a completion follow its prompt by plain concatenation, as Lee et al.'s continuations do.
+    RTP-LX stores completions without leading whitespace, so both sides of a pair get the same rule
+    (one space before a word in spaced scripts): a spacing difference between chosen and rejected
+    would be a free signal for DPO to learn instead of toxicity.
+    """
+    text = text.lstrip()
+    if space_delimited and text and _starts_word(text):
+        return " " + text
+    return text
+
+
+def _starts_word(text):
+    """Does text open a new word ('so', '(so', '„so', '"so') rather than close one (', so', '" he')?"""
+    category = unicodedata.category(text[0])
+    if category[0] in "LN" or category in ("Ps", "Pi"):
+        return True
+    # a straight quote opens a quotation when a word follows it at once
+    return text[0] in "\"'" and len(text) > 1 and unicodedata.category(text[1])[0] in "LN"
+
+
+def load_rtplx(lang, data_dir=DATA_DIR):
+    """
+    RTP-LX prompts for one language: list of dicts with index (int, the RTP-LX prompt id), prompt
+    (surrounding whitespace stripped), prompt_toxicity (mean native-annotator score, 1-5; >= 3 is
+    roughly toxic), toxic_completion and benign_completion (str or None; None for all of ru).
+    """
+    _check_lang(lang)
+    return [dict(row) for row in _rtplx_rows(lang, Path(data_dir))]
+
+
+# Cached because the split and evaluation read each language several times and the prompt matching in
+# rtplx_pairs costs ~0.3 s a language; callers get copies so the cache cannot be mutated.
+@functools.lru_cache(maxsize=None)
+def _rtplx_rows(lang, data_dir):
+    path = data_dir / "rtp-lx" / f"{lang}.jsonl"
+    rows = []
+    for line, row in iter_jsonl(path):
+        try:
+            index = int(row.get("index"))
+        except (TypeError, ValueError):
+            raise ValueError(f"{path}:{line}: field 'index' must be an integer, got {row.get('index')!r}") from None
+        completions = {}
+        for field in ("toxic_completion", "benign_completion"):
+            value = row.get(field)
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"{path}:{line}: field {field!r} must be a string or null")
+            completions[field] = value
+        rows.append({
+            "index": index,
+            "prompt": require(row, "prompt", path, line).strip(),
+            "prompt_toxicity": row.get("prompt_toxicity"),
+            **completions,
+            "source": f"{path}:{line}",
+        })
+    return tuple(rows)
+
+
+def rtplx_pairs(lang, data_dir=DATA_DIR):
+    """
+    RTP-LX rows as DPO pairs: chosen = benign completion, rejected = toxic completion, both with any
+    restated prompt stripped and made to follow the prompt by concatenation. Rows without both
+    completions are skipped (ru has none). Each pair has prompt, chosen, rejected, index, lang, source
+    and stripped (how the toxic completion's restated prompt was removed; see strip_repeated_prompt).
+    """
+    _check_lang(lang)
+    return [dict(pair) for pair in _rtplx_pairs(lang, Path(data_dir))]
+
+
+@functools.lru_cache(maxsize=None)
+def _rtplx_pairs(lang, data_dir):
+    spaced = lang not in NO_SPACE_LANGS
+    pairs = []
+    for row in _rtplx_rows(lang, data_dir):
+        benign, toxic = row["benign_completion"], row["toxic_completion"]
+        if not benign or not toxic or not benign.strip() or not toxic.strip():
+            continue
+        chosen = as_continuation(strip_repeated_prompt(row["prompt"], benign, spaced)[0], spaced)
+        rejected, how = strip_repeated_prompt(row["prompt"], toxic, spaced)
+        # A restatement cut that leaves a letter first ended inside a word ('prosím, ne' + 'kupujte'):
+        # glue it on as written. Otherwise both sides follow the same spacing rule.
+        mid_word = how != "none" and rejected[:1].isalpha()
+        rejected = rejected if mid_word else as_continuation(rejected, spaced)
+        if not chosen.strip() or not rejected.strip():
+            continue  # the completion was only the prompt again
+        pairs.append({
+            "prompt": row["prompt"], "chosen": chosen, "rejected": rejected,
+            "index": row["index"], "lang": lang, "source": row["source"], "stripped": how,
+        })
+    return tuple(pairs)
+
+
+# -----------------------------------------------------------------------------
+# Parallel prompts, prompt files, word lists, Tatoeba
+
+
+def load_parallel(lang, data_dir=DATA_DIR):
+    """The paper's 200 parallel prompts in one language (field Prompt; their translations are
+    HTML-escaped, e.g. &quot;, so they are unescaped). Line i is the same prompt in every language."""
+    _check_lang(lang)
+    path = Path(data_dir) / "parallel" / f"dpo_toxicity_pairwise_{lang}_200.jsonl"
+    return [html.unescape(require(row, "Prompt", path, line)) for line, row in iter_jsonl(path)]
+
+
+def normalize_prompt(text):
+    """Key for matching the same prompt across files: HTML-unescaped, NFKC, quotes unified, whitespace collapsed."""
+    text = unicodedata.normalize("NFKC", html.unescape(text)).translate(_QUOTES)
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def _lang_from_filename(path):
+    """RTP_LX_ZH-Hans.json -> zh, dpo_toxicity_pairwise_de_200.jsonl -> de, en.jsonl / en.txt -> en, else None."""
+    name = path.name
+    for pattern in (r"RTP_LX_([A-Za-z]+)", r"dpo_toxicity_pairwise_([a-z]+)_", r"^([a-z]{2})\.(?:jsonl?|txt)$"):
+        m = re.search(pattern, name)
+        if m and m.group(1).lower() in LANGS:
+            return m.group(1).lower()
+    return None
+
+
+def load_prompts(path):
+    """
+    Prompts for generation from any of: the official RTP-LX files RTP_LX_{LANG}.json (a JSON list or
+    jsonl of objects with field Prompt), the parallel jsonl (Prompt), generic jsonl (prompt, optional
+    lang), or plain text (one prompt per line, blank lines skipped). Returns a list of dicts with prompt
+    and, when known (row field, else file name), lang. An empty prompt raises ValueError with file:line.
+    """
+    path = Path(path)
+    file_lang = _lang_from_filename(path)
+    text = path.read_text(encoding="utf-8")
+    if path.suffix not in (".json", ".jsonl"):
+        items = [(line, {"prompt": s}) for line, s in enumerate(text.splitlines(), 1) if s.strip()]
+    else:
+        try:
+            whole = json.loads(text)
+        except json.JSONDecodeError:
+            whole = None  # not one JSON document: read it as jsonl
+        if isinstance(whole, list):
+            # a JSON list has no line per item, so errors name the item: "file:item 3"
+            items = [(f"item {n}", row) for n, row in enumerate(whole, 1)]
+        else:
+            items = [(line, _parse_json_line(s, path, line)) for line, s in enumerate(text.splitlines(), 1) if s.strip()]
+    prompts = []
+    for line, row in items:
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{line}: expected a JSON object, got {type(row).__name__}")
+        prompt = require(row, "Prompt" if "Prompt" in row else "prompt", path, line)
+        item = {"prompt": html.unescape(prompt).strip()}
+        lang = row.get("lang") or file_lang
+        if lang:
+            item["lang"] = lang
+        prompts.append(item)
+    return prompts
+
+
+def load_wordlist(lang, data_dir=DATA_DIR):
+    """Lower-cased toxic terms for one language: LDNOOBW (all but id), the hand-made stems in
+    supplement.json, and for id the Ibrohim & Budi abusive word list. Returns a set of str."""
+    _check_lang(lang)
+    root = Path(data_dir) / "wordlists"
+    terms = set()
+    ldnoobw = root / "ldnoobw" / f"{lang}.txt"
+    if ldnoobw.exists():
+        terms.update(s.strip().casefold() for s in ldnoobw.read_text(encoding="utf-8").splitlines())
+    supplement = json.loads((root / "supplement.json").read_text(encoding="utf-8"))
+    terms.update(t.casefold() for t in supplement["terms"].get(lang, []))
+    if lang == "id":
+        lines = (root / "id-abusive" / "abusive.csv").read_text(encoding="utf-8").splitlines()
+        terms.update(s.strip().casefold() for s in lines[1:])  # line 1 is the header ABUSIVE
+    terms.discard("")
+    return terms
+
+
+def load_tatoeba(lang, data_dir=DATA_DIR):
+    """1,000 Tatoeba sentence pairs between lang and English: (xx_sentences, en_sentences), line-aligned."""
+    _check_lang(lang)
+    if lang == "en":
+        raise ValueError("tatoeba pairs are X-English; there is no en-en set")
+    root = Path(data_dir) / "tatoeba"
+    xx = (root / f"{lang}-en.{lang}").read_text(encoding="utf-8").splitlines()
+    en = (root / f"{lang}-en.en").read_text(encoding="utf-8").splitlines()
+    if len(xx) != len(en):
+        raise ValueError(f"{root}/{lang}-en: {len(xx)} {lang} lines but {len(en)} en lines; files must be line-aligned")
+    return xx, en
+
+
+# -----------------------------------------------------------------------------
+# The split
+
+
+def default_split(seed=0, n_train=None, n_valid=50, n_heldout=400, block=10, data_dir=DATA_DIR):
+    """
+    Deterministic split of RTP-LX for English-only DPO and 17-language evaluation.
+
+    Units are RTP-LX indices (the id of a source prompt, shared by its transcreations). English indices
+    are grouped in blocks of `block` consecutive ids; every block holding one of the 200 parallel prompts
+    (matched to English RTP-LX by normalised text) is held out, then blocks drawn with `seed` are held out
+    until `n_heldout` English indices are, `n_valid` more go to validation, and the rest to training.
+    Evaluation in language L keeps the rows whose index is not a training/validation index; for L != en
+    also not one off, because in cs de es fr it zh the ids drift by one near the end of the file
+    (de id 990 restates en id 989) -- blocks make that guard cost only block edges.
+
+    Returns a dict:
+      train, valid          English RTP-LX pairs (shuffled by seed; train truncated to n_train if given,
+                            which leaves the held-out sets unchanged)
+      eval_prompts[lang]    held-out rows {index, prompt, prompt_toxicity, lang} for generation
+      eval_pairs[lang]      held-out benign/toxic pairs for margin evaluation ([] for ru)
+      info                  seed, parallel_matched, and the train/valid/held-out English index lists
+    """
+    rng = random.Random(seed)
+    en_rows = load_rtplx("en", data_dir)
+    en_pairs = rtplx_pairs("en", data_dir)
+    en_indices = sorted(r["index"] for r in en_rows)
+    parallel_keys = {normalize_prompt(p) for p in load_parallel("en", data_dir)}
+    parallel_idx = {r["index"] for r in en_rows if normalize_prompt(r["prompt"]) in parallel_keys}
+
+    blocks = {}
+    for i in en_indices:
+        blocks.setdefault(i // block, []).append(i)
+    heldout = {b for b in blocks if parallel_idx & set(blocks[b])}
+    others = [b for b in sorted(blocks) if b not in heldout]
+    rng.shuffle(others)
+    n_held = sum(len(blocks[b]) for b in heldout)
+    train_idx, valid_idx = set(), set()
+    for b in others:
+        if n_held < n_heldout:
+            n_held += len(blocks[b])
+        elif len(valid_idx) < n_valid:
+            valid_idx.update(blocks[b])
+        else:
+            train_idx.update(blocks[b])
+    seen = train_idx | valid_idx
+
+    train = [p for p in en_pairs if p["index"] in train_idx]
+    valid = [p for p in en_pairs if p["index"] in valid_idx]
+    rng.shuffle(train)
+    rng.shuffle(valid)
+    if n_train is not None:
+        train = train[:n_train]
+
+    def held_out(lang, index):
+        if lang == "en":
+            return index not in seen
+        return not ({index - 1, index, index + 1} & seen)
+
+    eval_prompts, eval_pairs = {}, {}
+    for lang in LANGS:
+        eval_prompts[lang] = [
+            {"index": r["index"], "prompt": r["prompt"], "prompt_toxicity": r["prompt_toxicity"], "lang": lang}
+            for r in load_rtplx(lang, data_dir) if held_out(lang, r["index"])
+        ]
+        eval_pairs[lang] = [p for p in rtplx_pairs(lang, data_dir) if held_out(lang, p["index"])]
+    info = {
+        "seed": seed,
+        "parallel_matched": len(parallel_idx),
+        "train_indices": sorted(train_idx),
+        "valid_indices": sorted(valid_idx),
+        "heldout_indices": sorted(set(en_indices) - seen),
+    }
+    return {"train": train, "valid": valid, "eval_prompts": eval_prompts, "eval_pairs": eval_pairs, "info": info}
+
+
+# -----------------------------------------------------------------------------
+# CLI
+
+
+def split_table(split):
+    """Markdown table of split sizes per language."""
+    lines = [
+        "| lang | eval prompts | eval pairs |",
+        "|---|---:|---:|",
+    ]
+    for lang in LANGS:
+        lines.append(f"| {lang} | {len(split['eval_prompts'][lang])} | {len(split['eval_pairs'][lang])} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in (
+        ("split", "print the train/valid sizes and held-out eval sizes per language"),
+        ("export-pairs", "write a split's English pairs in Lee et al.'s toxicity_pairwise jsonl format"),
+    ):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--seed", type=int, default=0, help="seed for the block shuffle and pair order (default 0)")
+        p.add_argument("--n-train", type=int, default=None, help="keep only this many training pairs (default: all)")
+        p.add_argument("--n-valid", type=int, default=50, help="English indices for validation (default 50)")
+        p.add_argument("--n-heldout", type=int, default=400,
+                       help="English indices held out for evaluation, the 200 parallel prompts included (default 400)")
+        p.add_argument("--data-dir", default=str(DATA_DIR), help="the vendored data folder (default: data/ beside data.py)")
+    export = sub.choices["export-pairs"]
+    export.add_argument("--out", required=True, help="output .jsonl path (written atomically)")
+    export.add_argument("--which", choices=("train", "valid"), default="train", help="which English pairs (default train)")
+    check = sub.add_parser("check-pairs", help="validate a pairs .jsonl file or directory and count its pairs")
+    check.add_argument("path", help="a .jsonl file or a directory of .jsonl files")
+    check.add_argument("--skip-bad", action="store_true", help="count and skip malformed rows instead of stopping")
+    args = parser.parse_args(argv)
+
+    if args.command == "check-pairs":
+        pairs, n_skipped = load_pairs(args.path, skip_bad=args.skip_bad)
+        print(f"{args.path}: {len(pairs)} pairs, {n_skipped} skipped")
+        return
+
+    for name in ("n_train", "n_valid", "n_heldout"):
+        if (getattr(args, name) or 0) < 0:
+            parser.error(f"--{name.replace('_', '-')} must be >= 0")
+    split = default_split(args.seed, args.n_train, args.n_valid, args.n_heldout, data_dir=Path(args.data_dir))
+    if args.command == "export-pairs":
+        write_toxicity_pairwise(split[args.which], args.out)
+        print(f"wrote {len(split[args.which])} {args.which} pairs to {args.out}")
+        return
+    info = split["info"]
+    print(f"seed {info['seed']}: {len(split['train'])} train pairs, {len(split['valid'])} valid pairs (English RTP-LX)")
+    print(f"parallel prompts matched to English RTP-LX: {info['parallel_matched']} of "
+          f"{len(load_parallel('en', Path(args.data_dir)))} (held out)")
+    print(f"held-out English indices: {len(info['heldout_indices'])}")
+    stripped = {}
+    for p in split["train"] + split["valid"]:
+        stripped[p["stripped"]] = stripped.get(p["stripped"], 0) + 1
+    print("restated prompt removed from toxic completions (train+valid): "
+          + ", ".join(f"{k} {v}" for k, v in sorted(stripped.items())))
+    print(split_table(split))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
