@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 # -----------------------------------------------------------------------------
 # Configs: one dataclass per family, each mapping to and from its HF config.json
@@ -582,7 +583,8 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.final_norm = make_norm(cfg)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        self.hook_embed = HookPoint()  # [B, T, d_model]
+        self.hook_embed = HookPoint()       # [B, T, d_model]
+        self.hook_final_norm = HookPoint()  # [B, T, d_model], what the unembedding reads
         self.gradient_checkpointing = False
         self.hook_dict = {}
         for name, module in self.named_modules():
@@ -618,7 +620,7 @@ class Transformer(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(block, x, ctx, kv_cache, use_reentrant=False)
             else:
                 x = block(x, ctx, kv_cache)
-        h = self.final_norm(x)
+        h = self.hook_final_norm(self.final_norm(x))
         return h if return_hidden else self.unembed(h)
 
     def unembed(self, h):
@@ -773,29 +775,31 @@ def check_tensors(expected, tensors, source):
 
 
 @torch.no_grad()
-def pooled_activations(model, tokenizer, texts, names, batch_size=16, max_len=256, device="cpu"):
-    """{hook_name: [N, d]}: each text's activation at the named hook points, averaged over its tokens.
-    Pads and the BOS token are left out of the mean: BOS carries a large, text-independent activation in
-    most models and would dominate short texts. Texts are batched by length and returned in input order."""
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    out = {name: [None] * len(texts) for name in names}
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        ids = [x[:max_len] for x in tokenizer.encode_batch([texts[i] for i in idx])]
-        input_ids, mask = tokenizer.pad(ids, side="right")
-        input_ids, mask = input_ids.to(device), mask.to(device)
-        _, cache = model.run_with_cache(input_ids, mask, names)
-        keep = mask.clone()
-        if tokenizer.add_bos:
-            keep[:, 0] = 0
-        keep = keep.clamp(max=1).float()
-        keep[keep.sum(-1) == 0, 0] = 1.0  # a text that is only BOS still gets a vector
-        weights = (keep / keep.sum(-1, keepdim=True))[..., None]  # [B, T, 1]
-        for name in names:
-            pooled = (cache[name].float() * weights).sum(1).cpu()  # [B, d]
-            for row, i in enumerate(idx):
-                out[name][i] = pooled[row]
-    return {name: torch.stack(vecs) for name, vecs in out.items()}
+def pooled_activations(model, tokenizer, texts, names, batch_size=16, max_len=None, device="cpu", skip_bos=False,
+                       progress=None):
+    """{hook_name: [N, d] float32 on CPU}: each text's activation at the named hook points, averaged over its
+    real tokens. Pooling happens inside the hooks, so no layer's [B, T, d] activations outlive its block, and
+    the forward stops before the LM head. skip_bos leaves BOS out of the mean: it carries a large,
+    text-independent activation in most models. Texts are batched by length, returned in input order."""
+    ids = [x[:max_len] for x in tokenizer.encode_batch(list(texts))]
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+    pooled = {name: [] for name in names}
+    for start in tqdm(range(0, len(order), batch_size), desc=progress, leave=False, disable=progress is None):
+        input_ids, mask = tokenizer.pad([ids[i] for i in order[start:start + batch_size]], side="right")
+        keep = mask.float()
+        if skip_bos and tokenizer.add_bos:
+            keep[:, 0] = 0.0
+            keep[keep.sum(-1) == 0, 0] = 1.0  # a text that is only BOS still gets a vector
+        weights = (keep / keep.sum(-1, keepdim=True))[..., None].to(device)  # [B, T, 1]
+
+        def pool(t, hook):
+            pooled[hook.name].append((t.float() * weights).sum(1).cpu())  # [B, d]
+
+        with model.hooks([(name, pool) for name in names]):
+            model(input_ids.to(device), mask.to(device), return_hidden=True)
+    inverse = torch.empty(len(order), dtype=torch.long)
+    inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
+    return {name: torch.cat(chunks)[inverse] for name, chunks in pooled.items()}
 
 
 # -----------------------------------------------------------------------------
