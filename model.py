@@ -812,7 +812,7 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat1
 def load_model(name_or_path, device="cpu", dtype=torch.float32):
     """(model, tokenizer) from a local HF directory, a .gguf file, a hub id (through huggingface_hub when it
     is installed and online), or an embedded name: "gemma-3-270m" (the default), "smollm2-135m"."""
-    from checkpoint import read_config, read_gguf, read_hf_weights, resolve_checkpoint
+    from checkpoint import cache_dir, read_config, read_gguf, read_hf_weights, resolve_checkpoint
     from tokenizer import Tokenizer
 
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
@@ -820,7 +820,7 @@ def load_model(name_or_path, device="cpu", dtype=torch.float32):
     if path.suffix == ".gguf":
         hf_config, tensors, tok_fields = read_gguf(path, dtype=dtype)
         tensors = {name: t.to(device) for name, t in tensors.items()}
-        tokenizer = Tokenizer.from_gguf_fields(tok_fields)
+        tokenizer = Tokenizer.from_gguf_fields(tok_fields, cache_dir=cache_dir() / "tokenizers")
     else:
         hf_config = read_config(path)
         tensors = read_hf_weights(path, device=device, dtype=dtype)
