@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from report import write_json
+
 # ---------------------------------------------------------------------------------------------------------------------
 # safetensors
 #
@@ -125,10 +127,6 @@ def _atomic_write(path: Path, write) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def write_json_atomic(path, obj) -> None:
-    _atomic_write(Path(path), lambda f: f.write((json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode()))
 
 
 def write_safetensors(path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
@@ -240,7 +238,7 @@ def write_hf_weights(out_dir, tensors: dict[str, torch.Tensor], max_shard_bytes:
     if n > 1:
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         index = {"metadata": {"total_size": total}, "weight_map": {k: f for f, g in zip(files, groups) for k in g}}
-        write_json_atomic(out / SAFE_INDEX, index)
+        write_json(out / SAFE_INDEX, index)
         keep.add(SAFE_INDEX)
     for p in out.iterdir():
         if p.name not in keep and (p.name in (SAFE_SINGLE, SAFE_INDEX) or _SHARD_RE.fullmatch(p.name)):

@@ -12,7 +12,7 @@ and licenses; RTP-LX and the Indonesian word list are NON-COMMERCIAL).
     parallel prompts   load_parallel(lang): the paper's 200 RTP-LX English prompts translated into 16
                        languages, line-aligned (bilingual retrieval, activation analysis).
     prompts            load_prompts(path): RTP-LX official json, parallel jsonl, generic jsonl, plain text.
-    lexicons           load_wordlist(lang): LDNOOBW + hand-made stems + the Indonesian abusive list.
+    lexicons           data/wordlists, read by evaluate.read_wordlist_files (terms and stems apart).
     Tatoeba            load_tatoeba(lang): 1,000 line-aligned X-English sentence pairs (non-toxic retrieval).
 
 The paper trains DPO on 24,576 PPLM-generated pairs (Lee et al. 2024) that cannot be obtained offline;
@@ -33,13 +33,13 @@ import difflib
 import functools
 import html
 import json
-import os
 import random
 import re
 import sys
-import tempfile
 import unicodedata
 from pathlib import Path
+
+from report import write_text
 
 # The paper's 17 languages in its order (alphabetical by ISO 639-1 code).
 LANGS = ("ar", "cs", "de", "en", "es", "fr", "hi", "id", "it", "ja", "ko", "nl", "pl", "pt", "ru", "sv", "zh")
@@ -91,20 +91,6 @@ def require(row, field, path, line):
     if not value.strip():
         raise ValueError(f"{path}:{line}: missing field {field!r} (empty string)")
     return value
-
-
-def _atomic_write_text(path, text):
-    """Write via a temp file in the same folder and os.replace, so a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 # -----------------------------------------------------------------------------
@@ -175,7 +161,7 @@ def write_toxicity_pairwise(pairs, path):
         if "index" in pair:
             row["index"] = pair["index"]
         lines.append(json.dumps(row, ensure_ascii=False) + "\n")
-    _atomic_write_text(path, "".join(lines))
+    write_text(path, "".join(lines))
 
 
 # -----------------------------------------------------------------------------
@@ -398,24 +384,6 @@ def load_prompts(path):
             item["lang"] = lang
         prompts.append(item)
     return prompts
-
-
-def load_wordlist(lang, data_dir=DATA_DIR):
-    """Lower-cased toxic terms for one language: LDNOOBW (all but id), the hand-made stems in
-    supplement.json, and for id the Ibrohim & Budi abusive word list. Returns a set of str."""
-    _check_lang(lang)
-    root = Path(data_dir) / "wordlists"
-    terms = set()
-    ldnoobw = root / "ldnoobw" / f"{lang}.txt"
-    if ldnoobw.exists():
-        terms.update(s.strip().casefold() for s in ldnoobw.read_text(encoding="utf-8").splitlines())
-    supplement = json.loads((root / "supplement.json").read_text(encoding="utf-8"))
-    terms.update(t.casefold() for t in supplement["terms"].get(lang, []))
-    if lang == "id":
-        lines = (root / "id-abusive" / "abusive.csv").read_text(encoding="utf-8").splitlines()
-        terms.update(s.strip().casefold() for s in lines[1:])  # line 1 is the header ABUSIVE
-    terms.discard("")
-    return terms
 
 
 def load_tatoeba(lang, data_dir=DATA_DIR):

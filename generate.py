@@ -33,7 +33,6 @@ import argparse
 import contextlib
 import hashlib
 import json
-import os
 import re
 import time
 from pathlib import Path
@@ -44,6 +43,7 @@ from tqdm import tqdm
 
 from data import LANGS, load_prompts
 from model import DTYPES, load_model
+from report import write_json
 
 # Candidates kept by the partial selection before the exact nucleus search. With gemma-3-270m the 1024 best
 # tokens almost always hold more than top_p = 0.8 of the mass, so the full-sort fallback is rare. A larger value
@@ -291,12 +291,6 @@ def load_jobs(paths, lang=None, limit=None):
     return jobs
 
 
-def _write_json_atomic(path, obj):
-    tmp = Path(f"{path}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-
-
 def prepare_output(out_path, settings, jobs, n):
     """Make OUT ready to append to and return how many jobs it already holds in full.
 
@@ -308,7 +302,7 @@ def prepare_output(out_path, settings, jobs, n):
     out_path, meta_path = Path(out_path), Path(f"{out_path}.meta.json")
     if not out_path.exists():
         out_path.parent.mkdir(parents=True, exist_ok=True)
-        _write_json_atomic(meta_path, settings)
+        write_json(meta_path, settings)
         out_path.write_bytes(b"")
         return 0
     if not meta_path.exists():

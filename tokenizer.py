@@ -17,13 +17,14 @@ BOS handling lives in the backend's post-processor (a TemplateProcessing that pr
 import argparse
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 
 import torch
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as Backend
+
+from report import write_text
 
 # llama.cpp's token types (gguf.TokenType), stored per token in tokenizer.ggml.token_type.
 NORMAL, CONTROL, USER_DEFINED = 1, 3, 4
@@ -122,9 +123,9 @@ class Tokenizer:
         special = {name: self.backend.id_to_token(i) for name, i in names.items() if i is not None}
         config = {"tokenizer_class": "PreTrainedTokenizerFast", **special, "add_bos_token": self.add_bos,
                   "add_eos_token": False, "clean_up_tokenization_spaces": False}
-        _atomic_write(out_dir / "tokenizer.json", self.backend.to_str())
-        _atomic_write(out_dir / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False))
-        _atomic_write(out_dir / "special_tokens_map.json", json.dumps(special, indent=2, ensure_ascii=False))
+        write_text(out_dir / "tokenizer.json", self.backend.to_str())
+        write_text(out_dir / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False))
+        write_text(out_dir / "special_tokens_map.json", json.dumps(special, indent=2, ensure_ascii=False))
 
     @classmethod
     def from_dir(cls, path) -> "Tokenizer":
@@ -221,7 +222,7 @@ class Tokenizer:
             backend = _sentencepiece_from_gguf(fields) if kind == "llama" else _byte_level_from_gguf(fields)
             if cached is not None:
                 cached.parent.mkdir(parents=True, exist_ok=True)
-                _atomic_write(cached, backend.to_str())
+                write_text(cached, backend.to_str())
         return cls(backend, fields.get("bos_token_id"), fields["eos_token_id"], fields.get("padding_token_id"),
                    bool(fields.get("add_bos_token", default_add_bos)))
 
@@ -394,16 +395,6 @@ def _read_json(path: Path) -> dict:
     if not isinstance(data, dict):
         raise ValueError(f"{path}:1: expected a JSON object, got {type(data).__name__}")
     return data
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    """Write via a temp file + os.replace so readers never see a half-written file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def load_tokenizer(path, cache_dir=None) -> Tokenizer:

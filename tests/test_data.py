@@ -281,15 +281,6 @@ def test_load_prompts_errors(tmp_path):
         data.load_prompts(listed)
 
 
-def test_load_wordlist():
-    for lang in LANGS:
-        terms = data.load_wordlist(lang)
-        assert terms and all(t == t.strip().casefold() and t for t in terms), lang
-    assert "keparat" in data.load_wordlist("id")  # from the Indonesian abusive.csv
-    assert "abusive" not in data.load_wordlist("id")  # its header is not a term
-    assert {"idiot", "fuck"} <= data.load_wordlist("en")
-
-
 def test_load_tatoeba():
     xx, en = data.load_tatoeba("de")
     assert len(xx) == len(en) == 1000 and en[0].startswith("Mary said")

@@ -294,8 +294,12 @@ class BigramModel(torch.nn.Module):
         self.table = torch.tensor([[0.0, 1.0, 2.0, 0.5], [2.0, 0.0, 1.0, -1.0],
                                    [0.3, 0.3, 3.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
 
-    def forward(self, input_ids, attention_mask=None):
-        return self.table[input_ids]  # [B, T, V]
+    def forward(self, input_ids, attention_mask=None, return_hidden=False):
+        hidden = torch.nn.functional.one_hot(input_ids, 4).float()  # [B, T, 4]: the token itself
+        return hidden if return_hidden else self.unembed(hidden)
+
+    def unembed(self, hidden):
+        return hidden @ self.table  # [..., V]
 
 
 def hand_ppl(model, prompt_ids, cont_ids):
