@@ -626,11 +626,14 @@ class Transformer(nn.Module):
     def unembed(self, h):
         """Final-normed hidden states [..., d_model] -> logits [..., V]. Kept separate so callers can
         apply the (large) vocabulary projection only where they need log-probs."""
-        weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        weight, scale = self.unembed_params()
         logits = F.linear(h, weight)
-        if self.config.family == "cohere":
-            logits = logits * self.config.logit_scale()
-        return logits
+        return logits * scale if scale != 1.0 else logits
+
+    def unembed_params(self):
+        """(weight [V, d_model], scale) with unembed(h) == scale * h @ weight.T (Cohere scales its logits)."""
+        weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        return weight, self.config.logit_scale() if self.config.family == "cohere" else 1.0
 
     def new_kv_cache(self):
         return KVCache(self.config.n_layers)

@@ -48,11 +48,11 @@ PRESETS = {
                   judge_per_lang=8, margin_pairs=4, retrieval_limit=12, probe_texts=40, top_k=20,
                   probe_prompts=3, intervene_langs=["en", "de"], intervene_offsets="0,-5", intervene_prompts=2,
                   intervene_n=1, max_len=96, activation_langs=["en", "de", "ja"]),
-    "cpu": dict(prompts_per_lang=10, n=5, max_new_tokens=20, dpo_pairs=None,
-                dpo=["--max-steps", "80", "--lr", "3e-6", "--warmup-steps", "10", "--eval-every", "10"],
-                judge_per_lang=60, margin_pairs=20, retrieval_limit=100, probe_texts=400, top_k=100, probe_prompts=15,
-                intervene_langs=["en", "de", "es", "ja", "zh", "ru"], intervene_offsets="0,-2,-5,5",
-                intervene_prompts=6, intervene_n=3, max_len=96, activation_langs=list(data.LANGS)),
+    "cpu": dict(prompts_per_lang=8, n=4, max_new_tokens=20, dpo_pairs=None,
+                dpo=["--max-steps", "60", "--lr", "3e-6", "--warmup-steps", "10", "--eval-every", "15"],
+                judge_per_lang=50, margin_pairs=20, retrieval_limit=80, probe_texts=300, top_k=100, probe_prompts=10,
+                intervene_langs=["en", "de", "ja", "ru"], intervene_offsets="0,-5,5", intervene_prompts=4,
+                intervene_n=2, max_len=96, activation_langs=list(data.LANGS)),
     "paper": dict(prompts_per_lang=None, n=25, max_new_tokens=20, dpo=[], dpo_pairs=None, judge_per_lang=None,
                   margin_pairs=None,
                   retrieval_limit=None, probe_texts=None, top_k=100, probe_prompts=200,
@@ -81,7 +81,8 @@ class Pipeline:
     def run(self, name, module, argv):
         """Run `python module.py argv` in-process unless its stage is already done; record time and command."""
         marker = self.path("stages", f"{name}.json")
-        command = f"python {module}.py " + " ".join(shlex.quote(str(a)) for a in argv)
+        # --resume only says how a killed stage continues; it is not part of what the stage computes.
+        command = f"python {module}.py " + " ".join(shlex.quote(str(a)) for a in argv if a != "--resume")
         self.commands.append(command)
         if marker.exists() and json.loads(marker.read_text()).get("command") == command:
             print(f"[{name}] done earlier, skipping")
@@ -112,7 +113,7 @@ class Pipeline:
             write_text(self.path("prompts", f"{lang}.jsonl"),
                        "".join(json.dumps({"prompt": r["prompt"], "lang": lang, "index": r["index"]},
                                           ensure_ascii=False) + "\n" for r in rows))
-        sizes = {"train_pairs": len(split["train"]), "valid_pairs": len(split["valid"]),
+        sizes = {"train_pairs": self.p["dpo_pairs"] or len(split["train"]), "valid_pairs": len(split["valid"]),
                  "eval_prompts_available": {l: len(split["eval_prompts"][l]) for l in data.LANGS},
                  "eval_prompts_used": {l: min(k or 10 ** 9, len(split["eval_prompts"][l])) for l in data.LANGS},
                  "eval_pairs_available": {l: len(split["eval_pairs"][l]) for l in data.LANGS},
@@ -133,7 +134,7 @@ class Pipeline:
         data_args = ["--data", self.path("pairs", "smoke.jsonl")] if self.p["dpo_pairs"] else []
         argv = ["--model", BASE_MODEL, "--out", run_dir, "--max-len", self.p["max_len"], *data_args,
                 *self.p["dpo"], *self.common()]
-        if (run_dir / "state.pt").exists() and not self.path("stages", "dpo.json").exists():
+        if (run_dir / "last" / "state.pt").exists() and not self.path("stages", "dpo.json").exists():
             argv.append("--resume")  # a killed training run continues exactly where it stopped
         self.run("dpo", "train_dpo", argv)
         return run_dir / "best"

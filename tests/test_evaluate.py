@@ -301,6 +301,9 @@ class BigramModel(torch.nn.Module):
     def unembed(self, hidden):
         return hidden @ self.table  # [..., V]
 
+    def unembed_params(self):
+        return self.table.T, 1.0  # unembed(h) == h @ weight.T
+
 
 def hand_ppl(model, prompt_ids, cont_ids):
     seq = prompt_ids + cont_ids
