@@ -11,13 +11,13 @@ NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?")
 
 
 def perturb(obj):
-    """Every number in a results tree changed (ints by +1, floats affinely); strings and keys kept."""
+    """Every number in a results tree changed (ints by +1, floats by +1.13); strings and keys kept."""
     if isinstance(obj, bool):
         return obj
     if isinstance(obj, int):
         return obj + 1
     if isinstance(obj, float):
-        return obj * 1.37 + 0.0113
+        return obj + 1.13  # moves every float past the report's rounding (0 to 3 decimals)
     if isinstance(obj, dict):
         return {k: perturb(v) for k, v in obj.items()}
     if isinstance(obj, list):
