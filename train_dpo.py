@@ -92,7 +92,7 @@ class TrainConfig:
 CPU_PRESET = dict(lr=1e-6, max_steps=60, max_len=96, freeze_embeddings=True, eval_every=10, log_every=1)
 
 # Flags that may change when a run is resumed; any other difference would make the run a different run.
-RESUMABLE = {"max_steps", "epochs", "patience", "eval_every", "log_every", "eval_batch_size", "grad_accum",
+RESUMABLE = {"max_steps", "epochs", "patience", "eval_every", "log_every", "grad_accum",
              "device", "dtype", "resume", "skip_bad", "activation_checkpointing"}
 
 HELP = {
@@ -468,19 +468,25 @@ def reference_key(cfg, train, valid):
     return h.hexdigest()
 
 
-def reference_chunks(examples, size):
-    """Fixed batches over ALL examples, sorted by length (less padding). A pair's reference log-prob then
-    depends only on its fixed batch, never on which other pairs a run happened to need: a run extended on
-    resume gets bit-identical values to one planned that long from the start."""
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["chosen_input_ids"]) +
-                   len(examples[i]["rejected_input_ids"]))
+def fixed_batches(order, size):
+    """Consecutive batches of pair ids over a fixed order of ALL pairs. The reference pass runs on these, so a
+    pair's reference log-prob depends only on its fixed batch (padding changes the last bits), never on which
+    pairs a run happened to need: a run extended on resume gets the values of one planned that long. Training
+    pairs follow the first epoch's order, so a short run touches few batches; validation pairs are sorted by
+    length (less padding)."""
     return [order[i:i + size] for i in range(0, len(order), size)]
 
 
-def update_reference_cache(path, key, splits, needed, load_start_model, pad_id, cfg, device):
-    """Fill in the reference log-probs of the `needed` pair indices of each split (computing only the fixed
-    batches that miss some) and rewrite the cache atomically. splits: {name: examples}, needed: {name: set};
-    load_start_model() -> (model, tokenizer) is called only if something must be computed."""
+def by_length(examples):
+    return sorted(range(len(examples)), key=lambda i: len(examples[i]["chosen_input_ids"]) +
+                  len(examples[i]["rejected_input_ids"]))
+
+
+def update_reference_cache(path, key, splits, batches, needed, load_start_model, pad_id, cfg, device):
+    """Fill in the reference log-probs of the `needed` pair ids of each split, computing only the fixed
+    batches that miss some, and rewrite the cache atomically. splits: {name: examples}, batches: {name:
+    fixed_batches(...)}, needed: {name: set of ids}; load_start_model() -> (model, tokenizer) is called only
+    if something must be computed."""
     cache = None
     if path.exists():
         try:
@@ -490,9 +496,9 @@ def update_reference_cache(path, key, splits, needed, load_start_model, pad_id, 
     if cache is None or cache.get("key") != key:
         cache = {"key": key, **{name: {side: torch.full((len(ex),), float("nan")) for side in ("chosen", "rejected")}
                                 for name, ex in splits.items()}}
-    todo = {name: [chunk for chunk in reference_chunks(ex, cfg.eval_batch_size)
+    todo = {name: [chunk for chunk in batches[name]
                    if any(i in needed[name] and math.isnan(cache[name]["chosen"][i]) for i in chunk)]
-            for name, ex in splits.items()}
+            for name in splits}
     n_todo = sum(len(chunk) for chunks in todo.values() for chunk in chunks)
     if n_todo == 0:
         print(f"reference log-probs: reusing {path}")
@@ -687,6 +693,7 @@ def train(cfg, source, ddp, rank, world, master):
     total_steps = cfg.epochs * steps_per_epoch if cfg.max_steps is None else \
         min(cfg.max_steps, cfg.epochs * steps_per_epoch)
     orders = [epoch_order(len(train_ex), cfg.seed, e) for e in range(cfg.epochs)]
+    valid_batches = fixed_batches(by_length(valid_ex), cfg.eval_batch_size)  # evaluation and its reference pass
 
     def global_batch(step):
         """The pair ids of an optimizer step, [batch_size]."""
@@ -707,14 +714,15 @@ def train(cfg, source, ddp, rank, world, master):
         evaluates = total_steps // cfg.eval_every > start_step // cfg.eval_every
         needed = {"train": {i for s in range(start_step, total_steps) for i in global_batch(s).tolist()},
                   "valid": set(range(len(valid_ex))) if evaluates else set()}
+        batches = {"train": fixed_batches(orders[0].tolist(), cfg.eval_batch_size), "valid": valid_batches}
         cache_path = run_dir / "ref_logps.pt"
         if master:
             # Before training the policy IS the starting model; on resume the starting model is loaded again
             # (only if the cache lacks pairs the extended run needs).
             start = (lambda: (policy, tokenizer)) if state is None else load_start_model
             update_reference_cache(cache_path, reference_key(cfg, train_ex, valid_ex),
-                                   {"train": train_ex, "valid": valid_ex}, needed, start, tokenizer.pad_id, cfg,
-                                   device)
+                                   {"train": train_ex, "valid": valid_ex}, batches, needed, start,
+                                   tokenizer.pad_id, cfg, device)
         if ddp:
             dist.barrier()
         ref = torch.load(cache_path, weights_only=True)
@@ -760,7 +768,7 @@ def train(cfg, source, ddp, rank, world, master):
         policy.eval()  # the bare model, not the DDP wrapper: processes run different numbers of batches
         stats = torch.zeros(len(STATS) + 1, device=device)
         with torch.no_grad():
-            for chunk in reference_chunks(valid_ex, cfg.eval_batch_size)[rank::world]:
+            for chunk in valid_batches[rank::world]:
                 batch = {k: v.to(device) for k, v in collate([valid_ex[i] for i in chunk], tokenizer.pad_id).items()}
                 rc, rr = (None, None) if ref is None else (ref["valid"]["chosen"][chunk].to(device),
                                                            ref["valid"]["rejected"][chunk].to(device))

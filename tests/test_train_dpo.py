@@ -375,6 +375,13 @@ def test_corrupted_resume_state_is_a_one_line_error(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 1
     assert proc.stderr.strip().count("\n") == 0 and "corrupted resume state" in proc.stderr
+    # a good state next to truncated weights
+    (out / "last").rename(out / "broken")
+    train_dpo.main(run_args(tmp_path, out, "--max-steps", "1"))
+    weights = out / "last" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="last: corrupted checkpoint"):
+        train_dpo.main(["--out", str(out), "--resume"])
 
 
 def test_ddp_two_processes_match_one_process(tmp_path):
