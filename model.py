@@ -29,6 +29,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import lora
+
 # -----------------------------------------------------------------------------
 # Configs: one dataclass per family, each mapping to and from its HF config.json
 
@@ -814,11 +816,14 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat1
 
 def load_model(name_or_path, device="cpu", dtype=torch.float32):
     """(model, tokenizer) from a local HF directory, a .gguf file, a hub id (through huggingface_hub when it
-    is installed and online), or an embedded name: "gemma-3-270m" (the default), "smollm2-135m"."""
+    is installed and online), or an embedded name: "gemma-3-270m" (the default), "smollm2-135m". A LoRA
+    adapter directory (lora.py) gives its base model with the adapters merged in."""
     from checkpoint import cache_dir, read_config, read_gguf, read_hf_weights, resolve_checkpoint
     from tokenizer import Tokenizer
 
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    if lora.is_adapter_dir(name_or_path):
+        return lora.load_adapter_model(name_or_path, device=device, dtype=dtype)
     if torch.device(device).type == "cpu":
         # Subnormal floats (|x| < 1.2e-38) send x86 arithmetic down a slow microcode path, and Gemma's
         # activations produce them: flushing them to zero made an 8x64-token forward of gemma-3-270m 5.8x

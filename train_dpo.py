@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
+import lora
 from model import DTYPES, load_model, save_model
 from report import write_json
 
@@ -79,6 +80,10 @@ class TrainConfig:
     log_every: int = 10
     freeze_embeddings: bool = False
     activation_checkpointing: bool = False
+    lora_rank: int = 0             # 0: full fine-tuning (the paper's mGPT/BLOOM-1.7B runs); 64 for its 7-8B models
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.05
+    lora_targets: str = ",".join(lora.TARGETS)
     seed: int = 42                 # Lee et al.'s config
     device: str = "cpu"
     dtype: str = "fp32"
@@ -110,7 +115,7 @@ HELP = {
     "label_smoothing": "cDPO: assumed probability that a pair's preference label is wrong (0 = DPO)",
     "loss_type": "sigmoid = DPO (Rafailov et al. eq. 7); ipo = IPO (Azar et al.) on per-token log-ratios",
     "ref_model": "cache: reference log-probs computed once before training with the starting model and "
-                 "cached in RUN/ref_logps.pt (one model in memory); frozen: keep a frozen copy in memory",
+                 "cached in RUN/ref_logps.pt (one model in memory); frozen: keep a frozen copy in memory (with LoRA: no copy, the policy with its adapters disabled)",
     "optimizer": "rmsprop (the paper: as good as Adam with half the state) or adamw (torch defaults)",
     "lr": "peak learning rate (constant after warm-up)",
     "warmup_steps": "linear learning-rate warm-up steps",
@@ -129,16 +134,26 @@ HELP = {
     "activation_checkpointing": "recompute each block's activations in the backward pass instead of keeping "
                                 "them: on the default model at 8 pairs x 96 tokens, ~2 GB less peak memory for "
                                 "~20%% more step time",
+    "lora_rank": "train LoRA adapters of this rank instead of all weights (0: full fine-tuning). The base stays "
+                 "frozen (stored in --dtype), the reference model is the policy with its adapters disabled, and "
+                 "best/ and last/ hold the adapters alone (python lora.py merge RUN/best --out DIR for a full "
+                 "checkpoint). The paper: rank 64 for its 7-8B models",
+    "lora_alpha": "LoRA scale numerator: the update is (alpha / rank) * B @ A",
+    "lora_dropout": "dropout on the input of each LoRA update",
+    "lora_targets": f"comma-separated linear layers of each block to adapt, from {','.join(lora.TARGETS)} "
+                    "(default: all, as the paper)",
     "seed": "seed of the data order (the validation split of --data uses a fixed seed of its own)",
     "device": "cpu, cuda, cuda:N or mps (torchrun: cuda means cuda:LOCAL_RANK)",
-    "dtype": "autocast compute dtype (weights stay fp32): fp32, bf16, or fp16 (with a gradient scaler). "
-             "Use fp32 on CPU: bf16 matmuls are far slower on most CPUs",
+    "dtype": "autocast compute dtype (trained weights stay fp32; with LoRA the frozen base is stored in this "
+             "dtype): fp32, bf16, or fp16 (with a gradient scaler). Use fp32 on CPU: bf16 matmuls are far slower "
+             "on most CPUs",
     "resume": "continue the run in --out from last/ (flags given again override the saved config only "
               f"for: {', '.join(sorted(RESUMABLE - {'resume'}))})",
 }
 # The training hyperparameters the paper/Lee et al. fixed; the other defaults are this implementation's.
 PAPER_VALUES = {"max_prompt_len", "max_len", "beta", "loss_type", "optimizer", "lr", "warmup_steps", "grad_clip",
-                "batch_size", "epochs", "eval_every", "eval_batch_size", "patience", "seed", "label_smoothing"}
+                "batch_size", "epochs", "eval_every", "eval_batch_size", "patience", "seed", "label_smoothing",
+                "lora_alpha", "lora_dropout", "lora_targets"}
 CHOICES = {"loss_type": ["sigmoid", "ipo"], "ref_model": ["cache", "frozen"], "optimizer": ["rmsprop", "adamw"],
            "dtype": ["fp32", "bf16", "fp16"]}
 
@@ -215,6 +230,9 @@ def check_config(cfg):
     need(min(cfg.eval_every, cfg.log_every, cfg.eval_batch_size, cfg.patience, cfg.epochs) >= 1,
          "--eval-every, --log-every, --eval-batch-size, --patience and --epochs must be >= 1")
     need(cfg.dtype in CHOICES["dtype"], f"--dtype must be one of {CHOICES['dtype']}, got {cfg.dtype!r}")
+    need(cfg.lora_rank >= 0, f"--lora-rank must be >= 0 (0: full fine-tuning), got {cfg.lora_rank}")
+    need(0 <= cfg.lora_dropout < 1, f"--lora-dropout must be in [0, 1), got {cfg.lora_dropout}")
+    lora.parse_targets(cfg.lora_targets)
 
 
 # -----------------------------------------------------------------------------
@@ -431,8 +449,8 @@ def dpo_forward(model, batch, ref_chosen, ref_rejected, cfg, ref_model=None):
     """Losses [B] for one collated batch and its metric sums [len(STATS) + 1] (last entry: the pair count).
     Reference log-probs come from ref_chosen/ref_rejected [B], or from ref_model when one is kept."""
     logps, counts = batch_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])  # [2B]
-    if ref_model is not None:
-        with torch.no_grad():
+    if ref_model is not None:  # a frozen copy, or (LoRA) the policy itself with its adapters off
+        with torch.no_grad(), lora.disabled(ref_model):
             ref_chosen, ref_rejected = batch_logps(ref_model, batch["input_ids"], batch["attention_mask"],
                                                    batch["labels"])[0].chunk(2)
     policy_chosen, policy_rejected = logps.chunk(2)
@@ -461,7 +479,9 @@ def summarize(stats):
 
 def reference_key(cfg, train, valid):
     """Hash of everything the reference log-probs depend on: model, compute dtype, truncation, token ids."""
-    h = hashlib.sha256(json.dumps([cfg.model, cfg.dtype, cfg.max_prompt_len, cfg.max_len]).encode())
+    # LoRA stores the base in --dtype rather than fp32, which changes the last bits of the log-probs
+    h = hashlib.sha256(json.dumps([cfg.model, cfg.dtype, cfg.lora_rank > 0, cfg.max_prompt_len,
+                                   cfg.max_len]).encode())
     for ex in train + valid:
         h.update(json.dumps([len(ex["prompt_input_ids"]), ex["chosen_input_ids"],
                              ex["rejected_input_ids"]]).encode())
@@ -525,13 +545,17 @@ def update_reference_cache(path, key, splits, batches, needed, load_start_model,
 
 
 def save_checkpoint(model, tokenizer, path, state=None):
-    """Write model (+ resume state) to a temp dir, then rename it into place. A crash leaves either the old
+    """Write model (its LoRA adapters alone, if it has any) and resume state to a temp dir, then rename it into
+    place. A crash leaves either the old
     or the new directory: a directory cannot be os.replace'd over a non-empty one, so the old one is first
     moved aside to .NAME.old, which `find_checkpoint` falls back to if the crash hit between the renames."""
     path = Path(path)
     tmp, old = path.with_name(f".{path.name}.tmp"), path.with_name(f".{path.name}.old")
     shutil.rmtree(tmp, ignore_errors=True)
-    save_model(model, tokenizer, tmp)
+    if lora.lora_layers(model):
+        lora.save_adapters(model, tmp, model.name_or_path)
+    else:
+        save_model(model, tokenizer, tmp)
     if state is not None:
         torch.save(state, tmp / "state.pt")
     if path.exists():
@@ -547,8 +571,9 @@ def find_checkpoint(path):
     return path if path.exists() else old if old.exists() else None
 
 
-def load_resume_state(run_dir, device):
-    """(model, tokenizer, state) from RUN/last, or a one-line error saying what is wrong."""
+def load_resume_state(run_dir, device, dtype):
+    """(model, tokenizer, state) from RUN/last, or a one-line error saying what is wrong. LoRA adapters are
+    put back on their base model (stored in `dtype`) unmerged, to train on."""
     last = find_checkpoint(Path(run_dir) / "last")
     if last is None or not (last / "state.pt").exists():
         raise FileNotFoundError(f"{Path(run_dir) / 'last' / 'state.pt'}: nothing to resume (no checkpoint "
@@ -562,7 +587,10 @@ def load_resume_state(run_dir, device):
         raise ValueError(f"{last / 'state.pt'}: corrupted resume state ({first_line(e)}); delete {run_dir} "
                          "to restart") from None
     try:
-        model, tokenizer = load_model(last, device=device)
+        model, tokenizer = lora.load_adapter_model(last, device, dtype, merged=False) if lora.is_adapter_dir(last) \
+            else load_model(last, device=device)
+    except FileNotFoundError:
+        raise
     except Exception as e:
         raise ValueError(f"{last}: corrupted checkpoint ({first_line(e)})") from None
     return model, tokenizer, state
@@ -674,17 +702,21 @@ def train(cfg, source, ddp, rank, world, master):
             print(f"  {k:18s} {v!s:22s} [{note}]")
     torch.manual_seed(cfg.seed)
 
+    base_dtype = DTYPES[cfg.dtype] if cfg.lora_rank else torch.float32  # a frozen base need not be fp32
+
     def load_start_model():
-        return load_model(cfg.model, device=device)
+        return load_model(cfg.model, device=device, dtype=base_dtype)
 
     # -- data (read before the model loads, so that bad input fails fast) -------
     train_pairs, valid_pairs, n_skipped = load_splits(cfg)
     if n_skipped and master:
         print(f"skipped {n_skipped} bad row(s) in {cfg.data} (--skip-bad)")
     if cfg.resume:
-        policy, tokenizer, state = load_resume_state(run_dir, device)
+        policy, tokenizer, state = load_resume_state(run_dir, device, base_dtype)
     else:
         (policy, tokenizer), state = load_start_model(), None
+        if cfg.lora_rank:
+            lora.add_lora(policy, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
     train_ex = tokenize_pairs(tokenizer, train_pairs, cfg.max_prompt_len, cfg.max_len)
     valid_ex = tokenize_pairs(tokenizer, valid_pairs, cfg.max_prompt_len, cfg.max_len)
     steps_per_epoch = len(train_ex) // cfg.batch_size  # the last partial batch of an epoch is dropped
@@ -706,7 +738,9 @@ def train(cfg, source, ddp, rank, world, master):
 
     # -- reference log-probs ---------------------------------------------------
     ref_model, ref = None, None
-    if cfg.ref_model == "frozen":
+    if cfg.ref_model == "frozen" and cfg.lora_rank:
+        ref_model = policy  # the reference is the policy with its adapters disabled: no second copy
+    elif cfg.ref_model == "frozen":
         ref_model = copy.deepcopy(policy) if state is None else load_start_model()[0]
         ref_model.requires_grad_(False).eval()
     else:
@@ -895,6 +929,9 @@ def train(cfg, source, ddp, rank, world, master):
         best = f"best validation loss {best_val_loss:.4f} at step {best_step} in {run_dir / 'best'}" \
             if best_step is not None else "no evaluation yet (evaluations run every --eval-every steps)"
         print(f"stopped at step {step} ({stop_reason}); {best}; {run_dir / 'last'} is step {step}")
+        if cfg.lora_rank:
+            print(f"best/ and last/ hold LoRA adapters; load_model reads them merged into {cfg.model}, or write a "
+                  f"full checkpoint with: python lora.py merge {run_dir / 'best'} --out {run_dir / 'merged'}")
         print(f"mean step time {mean_ms:.0f} ms over {timed_steps} steps, peak memory {peak:.0f} MB "
               f"({'torch.cuda.max_memory_allocated' if device.startswith('cuda') else 'max RSS'})")
     return {"step": step, "best_val_loss": best_val_loss, "best_step": best_step, "mean_step_ms": mean_ms,

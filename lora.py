@@ -1,0 +1,244 @@
+"""
+LoRA (Hu et al. 2021), by hand: a frozen linear layer W plus a trainable low-rank update,
+
+    y = x W^T + b + (alpha / r) * dropout(x) A^T B^T        A [r, in], B [out, r], B = 0 at the start
+
+so training starts from the base model exactly and only r * (in + out) numbers per layer learn. The paper
+detoxifies its 7-8B models (BLOOM-7.1B, Llama 2/3, Aya-23-8B) this way, as QLoRA with rank 64, alpha 16,
+dropout 0.05 on every linear layer, and finds LoRA transfers across languages less than full fine-tuning
+(its Appendix D). QLoRA's 4-bit base needs bitsandbytes; here the frozen base is kept in bf16/fp16 instead
+(train_dpo.py --lora-rank 64 --dtype bf16), with the adapters in fp32.
+
+    python train_dpo.py --lora-rank 64 --out runs/lora       # adapters alone in runs/lora/best, last
+    python lora.py info runs/lora/best                        # what an adapter directory holds
+    python lora.py merge runs/lora/best --out runs/merged     # base + adapters -> one HF checkpoint
+
+An adapter directory holds adapter_config.json (rank, alpha, dropout, targets, the base model's name) and
+adapter_model.safetensors (this repo's parameter names: blocks.{i}.attn.q.lora_A, ...). `model.load_model`
+reads such a directory as the base model with the adapters merged in, so generate.py, evaluate.py and
+probe.py take it like any checkpoint.
+"""
+
+import argparse
+import contextlib
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# The linear layers of a block, by their attribute names in model.py. All of them is the paper's choice
+# ("all linear layers"); like PEFT's "all-linear", the LM head is never a target.
+TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
+
+
+class LoRALinear(nn.Linear):
+    """An nn.Linear whose weight and bias are the frozen base layer's own parameters (so the base keeps its
+    checkpoint names) plus fp32 adapters lora_A [r, in] and lora_B [out, r]."""
+
+    def __init__(self, base, rank, alpha, dropout):
+        nn.Module.__init__(self)  # not nn.Linear.__init__: the weights exist already
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias
+        device = base.weight.device
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=device, dtype=torch.float32))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=device, dtype=torch.float32))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's init, as in the LoRA paper's code
+        self.scale = alpha / rank
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.enabled = True
+
+    def forward(self, x):
+        y = F.linear(x, self.weight, self.bias)
+        if not self.enabled:
+            return y
+        # In fp32 unless autocast says otherwise: the update is small next to x W^T and bf16 would round it away.
+        update = F.linear(F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A), self.lora_B)
+        return y + (self.scale * update).to(y.dtype)
+
+    def delta(self):
+        """The update as a weight: scale * B @ A, [out, in], fp32."""
+        return self.scale * (self.lora_B @ self.lora_A)
+
+
+def lora_layers(model):
+    """{module name: LoRALinear} of a model, in module order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def parse_targets(targets):
+    """'q,v' or ['q', 'v'] -> ('q', 'v'), refusing names that are not linear layers of a block."""
+    names = tuple(t.strip() for t in (targets.split(",") if isinstance(targets, str) else targets) if t.strip())
+    unknown = [t for t in names if t not in TARGETS]
+    if unknown or not names:
+        raise ValueError(f"--lora-targets: unknown layer(s) {unknown or '(none given)'}; choose from "
+                         f"{','.join(TARGETS)}")
+    return names
+
+
+def add_lora(model, rank, alpha=16.0, dropout=0.05, targets=TARGETS):
+    """Freeze every parameter of `model` and wrap the target linear layers of each block in LoRALinear, in place.
+    Returns the model; model.lora_config records the settings (what save_adapters writes)."""
+    if rank < 1:
+        raise ValueError(f"--lora-rank must be >= 1, got {rank}")
+    if lora_layers(model):
+        raise ValueError("the model already has LoRA adapters")
+    targets = parse_targets(targets)
+    model.requires_grad_(False)
+    for block in model.blocks:
+        for part in (block.attn, block.mlp):
+            for name in targets:
+                layer = getattr(part, name, None)
+                if layer is not None:  # e.g. no `gate` in an ungated MLP
+                    setattr(part, name, LoRALinear(layer, rank, alpha, dropout).train(model.training))
+    model.lora_config = {"rank": rank, "alpha": alpha, "dropout": dropout, "targets": list(targets)}
+    return model
+
+
+def adapter_state_dict(model):
+    """{name: tensor} of the adapter parameters alone, e.g. 'blocks.0.attn.q.lora_A'."""
+    return {name: p for name, p in model.named_parameters() if name.rsplit(".", 1)[-1] in ("lora_A", "lora_B")}
+
+
+@contextlib.contextmanager
+def disabled(model):
+    """Run the base model: inside the with-block every adapter is off. This is DPO's reference model when
+    training LoRA, at no extra memory. A no-op for a model without adapters."""
+    layers = lora_layers(model).values()
+    states = [layer.enabled for layer in layers]
+    try:
+        for layer in layers:
+            layer.enabled = False
+        yield model
+    finally:
+        for layer, state in zip(layers, states):
+            layer.enabled = state
+
+
+@torch.no_grad()
+def merge(model):
+    """Fold every adapter into its base weight, W <- W + scale * B @ A (in fp32, then the weight's dtype), and
+    put plain nn.Linear layers back, in place: the model is then an ordinary checkpoint with the same outputs."""
+    for name, layer in lora_layers(model).items():
+        parent_name, _, attr = name.rpartition(".")
+        plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+        merged = (layer.weight.float() + layer.delta()).to(layer.weight.dtype)
+        plain.weight = nn.Parameter(merged, requires_grad=False)
+        plain.bias = layer.bias
+        setattr(model.get_submodule(parent_name), attr, plain)
+    model.__dict__.pop("lora_config", None)
+    return model
+
+
+# -----------------------------------------------------------------------------
+# Adapter directories
+
+
+def save_adapters(model, out_dir, base_model):
+    """Write the adapters alone (a few MB instead of the whole model) and what is needed to rebuild the model:
+    adapter_config.json names the base model (as given to load_model) and the LoRA settings."""
+    from checkpoint import write_safetensors
+    from report import write_json
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    base = Path(base_model)
+    write_json(out_dir / CONFIG_NAME, {"base_model": str(base.resolve()) if base.exists() else str(base_model),
+                                       **model.lora_config})
+    write_safetensors(out_dir / WEIGHTS_NAME, adapter_state_dict(model), metadata={"format": "pt"})
+
+
+def read_adapter_config(path):
+    """The adapter_config.json of an adapter directory, checked field by field."""
+    path = Path(path) / CONFIG_NAME
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: unreadable adapter config ({e})") from None
+    for field, kind in (("base_model", str), ("rank", int), ("alpha", (int, float)), ("dropout", (int, float)),
+                        ("targets", list)):
+        if not isinstance(cfg.get(field), kind):
+            raise ValueError(f"{path}: field {field!r} is missing or not a {getattr(kind, '__name__', 'number')}")
+    return cfg
+
+
+def is_adapter_dir(path):
+    return (Path(path) / CONFIG_NAME).is_file()
+
+
+def load_adapters(model, adapter_dir):
+    """Add the adapters of `adapter_dir` to a base model (unmerged, trainable), checking every tensor's name
+    and shape against the model. Returns the model."""
+    from checkpoint import read_safetensors
+    from model import check_tensors
+
+    cfg = read_adapter_config(adapter_dir)
+    add_lora(model, cfg["rank"], cfg["alpha"], cfg["dropout"], cfg["targets"])
+    path = Path(adapter_dir) / WEIGHTS_NAME
+    device = next(model.parameters()).device
+    tensors = read_safetensors(path, device=device, dtype=torch.float32)
+    expected = {name: p.shape for name, p in adapter_state_dict(model).items()}
+    check_tensors(expected, tensors, f"{path} (for base model {cfg['base_model']})")
+    model.load_state_dict(tensors, strict=False)
+    for p in adapter_state_dict(model).values():
+        p.requires_grad_(True)
+    return model
+
+
+def load_adapter_model(adapter_dir, device="cpu", dtype=torch.float32, base=None, merged=True):
+    """(model, tokenizer): the base model named in adapter_dir (or `base`) with the adapters added, merged into
+    the weights unless merged=False (then they stay separate and trainable)."""
+    from model import load_model
+
+    cfg = read_adapter_config(adapter_dir)
+    base = base or cfg["base_model"]
+    try:
+        model, tokenizer = load_model(base, device=device, dtype=dtype)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{Path(adapter_dir) / CONFIG_NAME}: base model {base!r} not found ({e}); "
+                                "pass the base model's path explicitly") from None
+    load_adapters(model, adapter_dir)
+    return (merge(model) if merged else model), tokenizer
+
+
+# -----------------------------------------------------------------------------
+# CLI
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    info = sub.add_parser("info", help="print an adapter directory's settings and parameter count")
+    info.add_argument("adapters", help="adapter directory (train_dpo.py --lora-rank N writes RUN/best, RUN/last)")
+    mg = sub.add_parser("merge", help="write base + adapters as one HF-format checkpoint (load_model, transformers)")
+    mg.add_argument("adapters", help="adapter directory")
+    mg.add_argument("--out", required=True, help="output HF directory")
+    mg.add_argument("--base", default=None, help="base model, if not where adapter_config.json says")
+    mg.add_argument("--dtype", default="fp32", help="dtype of the merged weights: fp32, bf16, fp16")
+    args = p.parse_args(argv)
+
+    if args.command == "info":
+        from checkpoint import read_safetensors
+
+        cfg = read_adapter_config(args.adapters)
+        n = sum(t.numel() for t in read_safetensors(Path(args.adapters) / WEIGHTS_NAME).values())
+        print(f"{args.adapters}: rank {cfg['rank']}, alpha {cfg['alpha']} (scale {cfg['alpha'] / cfg['rank']:g}), "
+              f"dropout {cfg['dropout']}, targets {','.join(cfg['targets'])}; {n / 1e6:.2f}M adapter parameters; "
+              f"base model {cfg['base_model']}")
+    else:
+        from model import DTYPES, save_model
+
+        model, tokenizer = load_adapter_model(args.adapters, dtype=DTYPES[args.dtype], base=args.base)
+        save_model(model, tokenizer, args.out)
+        print(f"merged {args.adapters} into {args.out}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"lora.py: error: {e}")

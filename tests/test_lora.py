@@ -1,0 +1,199 @@
+"""Tests for lora.py and LoRA training in train_dpo.py: the merged weight is base + scale * B @ A, disabled
+adapters give the base model exactly, the reference-by-disabling equals a frozen copy, LoRA DPO learns and
+resumes exactly, adapters round-trip through disk, and bad adapter files fail with one-line errors."""
+
+import copy
+import json
+import math
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import lora
+import model as model_lib
+import train_dpo
+from test_train_dpo import ROOT, TINY_MODEL, pair_loss, read_metrics, run_args
+from train_dpo import batch_logps, collate, tokenize_pair
+
+FAMILIES = ["gpt2", "bloom", "llama", "gemma3", "cohere"]
+MODELS = ROOT / "tests" / "fixtures" / "models"
+
+
+def randomize_adapters(model, seed=0):
+    """Adapters as after some training: B is zero at the start, which would make most checks trivial."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in lora.adapter_state_dict(model).values():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return model
+
+
+def inputs(vocab, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (2, 9), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding
+    return ids, mask
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_merged_weights_are_base_plus_scaled_BA_and_keep_the_outputs(family):
+    base, _ = model_lib.load_model(MODELS / family)
+    model = randomize_adapters(lora.add_lora(copy.deepcopy(base), rank=4, alpha=8, dropout=0.0))
+    layers = lora.lora_layers(model)
+    assert len(layers) == model.config.n_layers * (7 if model.config.mlp_gated else 6)  # every linear layer
+    ids, mask = inputs(model.config.vocab_size)
+    unmerged = model(ids, mask)
+    expected = {name: layer.weight + 2.0 * layer.lora_B @ layer.lora_A for name, layer in layers.items()}
+    merged = lora.merge(model)
+    assert not lora.lora_layers(merged) and not lora.adapter_state_dict(merged)
+    for name, weight in expected.items():
+        assert type(merged.get_submodule(name)) is torch.nn.Linear
+        torch.testing.assert_close(merged.get_submodule(name).weight, weight, rtol=0, atol=1e-7)
+    torch.testing.assert_close(merged(ids, mask), unmerged, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(base(ids, mask), unmerged, atol=1e-3)  # the adapters do change the model
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_disabled_adapters_give_the_base_logits_exactly(family):
+    base, _ = model_lib.load_model(MODELS / family)
+    ids, mask = inputs(base.config.vocab_size)
+    expected = base(ids, mask)
+    model = lora.add_lora(copy.deepcopy(base), rank=4).eval()
+    assert torch.equal(model(ids, mask), expected)  # B = 0 at the start: the update is exactly zero
+    randomize_adapters(model)
+    with lora.disabled(model):
+        assert torch.equal(model(ids, mask), expected)
+    assert not torch.equal(model(ids, mask), expected)  # and back on after the with-block
+
+
+def test_only_adapters_train_and_stay_fp32_on_a_bf16_base():
+    base, _ = model_lib.load_model(TINY_MODEL, dtype=torch.bfloat16)
+    model = lora.add_lora(base, rank=2, targets="q,v")
+    trained = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trained == set(lora.adapter_state_dict(model)) and len(trained) == 2 * 2 * model.config.n_layers
+    assert all(p.dtype == torch.float32 for p in lora.adapter_state_dict(model).values())
+    assert model.blocks[0].attn.q.weight.dtype == torch.bfloat16
+    ids, mask = inputs(model.config.vocab_size)
+    randomize_adapters(model)
+    model(ids, mask).float().sum().backward()
+    assert all(p.grad is not None for p in lora.adapter_state_dict(model).values())
+    with pytest.raises(ValueError, match="unknown layer"):
+        lora.add_lora(model_lib.load_model(TINY_MODEL)[0], rank=2, targets="q,proj")
+
+
+def test_reference_by_disabling_equals_a_frozen_copy():
+    base, tok = model_lib.load_model(TINY_MODEL)
+    frozen = copy.deepcopy(base)
+    policy = randomize_adapters(lora.add_lora(base, rank=4)).train()  # train mode: LoRA dropout is on
+    examples = [tokenize_pair(tok, f"prompt {i}", " a calm reply", " nasty words", 12, 24) for i in range(4)]
+    batch = collate(examples, tok.pad_id)
+    args = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    cfg = train_dpo.TrainConfig(beta=0.1)
+    with torch.no_grad():
+        expected = batch_logps(frozen, *args)[0].chunk(2)
+    # the same dropout masks in both calls: the only difference is where the reference log-probs come from
+    torch.manual_seed(0)
+    by_disabling = train_dpo.dpo_forward(policy, batch, None, None, cfg, ref_model=policy)[1]
+    torch.manual_seed(0)
+    by_copy = train_dpo.dpo_forward(policy, batch, *expected, cfg)[1]
+    assert torch.equal(by_disabling, by_copy)
+    assert all(layer.enabled for layer in lora.lora_layers(policy).values())
+
+
+def lora_args(tmp_path, out, *extra):
+    return run_args(tmp_path, out, "--lora-rank", "8", "--lora-alpha", "16", "--lr", "1e-2", *extra)
+
+
+def test_lora_dpo_learns_and_saves_adapters_only(tmp_path):
+    out = tmp_path / "run"
+    result = train_dpo.main(lora_args(tmp_path, out, "--max-steps", "12"))
+    assert result["step"] == 12
+    start_loss, start_acc = pair_loss(TINY_MODEL, tmp_path)
+    loss, accuracy = pair_loss(out / "last", tmp_path)  # load_model merges the adapters into the base
+    assert loss < 0.5 * math.log(2) < start_loss and accuracy >= 0.9 > start_acc
+    for name in ("best", "last"):
+        assert sorted(p.name for p in (out / name).iterdir() if p.name != "state.pt") == \
+            [lora.CONFIG_NAME, lora.WEIGHTS_NAME]
+    config = lora.read_adapter_config(out / "last")
+    assert config["rank"] == 8 and config["base_model"] == str(TINY_MODEL.resolve())
+    assert len(list(lora.TARGETS)) == len(config["targets"])
+    # the embedding, norms and every base weight are untouched: the run trained the adapters alone
+    trained, _ = lora.load_adapter_model(out / "last", merged=False)
+    base, _ = model_lib.load_model(TINY_MODEL)
+    for name, p in base.state_dict().items():
+        assert torch.equal(trained.state_dict()[name], p), name
+
+
+def test_lora_resume_and_frozen_reference_reproduce_the_run(tmp_path):
+    full, parts, frozen = tmp_path / "full", tmp_path / "parts", tmp_path / "frozen"
+    train_dpo.main(lora_args(tmp_path, full, "--max-steps", "6"))
+    train_dpo.main(lora_args(tmp_path, parts, "--max-steps", "3"))
+    train_dpo.main(["--out", str(parts), "--resume", "--max-steps", "6"])
+    assert read_metrics(parts) == read_metrics(full)  # LoRA dropout's RNG travels in state.pt too
+    train_dpo.main(lora_args(tmp_path, frozen, "--max-steps", "6", "--ref-model", "frozen"))
+    assert not (frozen / "ref_logps.pt").exists()
+    for a, b in zip(read_metrics(full), read_metrics(frozen), strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-6)
+
+
+def test_adapters_round_trip_and_merge_cli(tmp_path):
+    base, tok = model_lib.load_model(TINY_MODEL)
+    model = randomize_adapters(lora.add_lora(copy.deepcopy(base), rank=3, alpha=6, targets="q,k,v,o,down"))
+    model.eval()
+    lora.save_adapters(model, tmp_path / "adapters", TINY_MODEL)
+    loaded = lora.load_adapters(copy.deepcopy(base), tmp_path / "adapters").eval()
+    for name, p in lora.adapter_state_dict(model).items():
+        assert torch.equal(lora.adapter_state_dict(loaded)[name], p)
+    ids, mask = inputs(base.config.vocab_size)
+    expected = model(ids, mask)
+    assert torch.equal(loaded(ids, mask), expected)
+    through_load_model, _ = model_lib.load_model(tmp_path / "adapters")  # merged
+    torch.testing.assert_close(through_load_model(ids, mask), expected, rtol=1e-5, atol=1e-5)
+    proc = subprocess.run([sys.executable, "lora.py", "merge", str(tmp_path / "adapters"), "--out",
+                           str(tmp_path / "merged")], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    merged, _ = model_lib.load_model(tmp_path / "merged")
+    assert (tmp_path / "merged" / "config.json").exists()
+    torch.testing.assert_close(merged(ids, mask), expected, rtol=1e-5, atol=1e-5)
+    info = subprocess.run([sys.executable, "lora.py", "info", str(tmp_path / "adapters")], cwd=ROOT,
+                          capture_output=True, text=True)
+    n = sum(p.numel() for p in lora.adapter_state_dict(model).values())
+    assert info.returncode == 0 and f"{n / 1e6:.2f}M adapter parameters" in info.stdout
+
+
+def test_bad_adapter_directories_are_one_line_errors(tmp_path):
+    base, _ = model_lib.load_model(TINY_MODEL)
+    model = lora.add_lora(copy.deepcopy(base), rank=2)
+    good = tmp_path / "good"
+    lora.save_adapters(model, good, TINY_MODEL)
+
+    def fails(path, match):
+        proc = subprocess.run([sys.executable, "lora.py", "merge", str(path), "--out", str(tmp_path / "m")],
+                              cwd=ROOT, capture_output=True, text=True)
+        assert proc.returncode == 1 and proc.stderr.strip().count("\n") == 0, proc.stderr
+        assert match in proc.stderr, proc.stderr
+
+    truncated = tmp_path / "truncated"
+    shutil.copytree(good, truncated)
+    weights = truncated / lora.WEIGHTS_NAME
+    weights.write_bytes(weights.read_bytes()[:-100])
+    fails(truncated, f"{weights}: tensor")
+    missing_field = tmp_path / "missing_field"
+    shutil.copytree(good, missing_field)
+    cfg = json.loads((missing_field / lora.CONFIG_NAME).read_text())
+    del cfg["rank"]
+    (missing_field / lora.CONFIG_NAME).write_text(json.dumps(cfg))
+    fails(missing_field, f"{missing_field / lora.CONFIG_NAME}: field 'rank'")
+    mismatched = tmp_path / "mismatched"  # the gemma3 fixture's adapters on the llama fixture
+    shutil.copytree(good, mismatched)
+    cfg = json.loads((mismatched / lora.CONFIG_NAME).read_text())
+    (mismatched / lora.CONFIG_NAME).write_text(json.dumps({**cfg, "base_model": str(MODELS / "llama")}))
+    fails(mismatched, f"(for base model {MODELS / 'llama'}): unexpected tensor(s) blocks.2.")
+    no_base = tmp_path / "no_base"
+    shutil.copytree(good, no_base)
+    (no_base / lora.CONFIG_NAME).write_text(json.dumps({**cfg, "base_model": str(tmp_path / "gone")}))
+    fails(no_base, "base model")
