@@ -147,9 +147,10 @@ def save_adapters(model, out_dir, base_model):
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     base = Path(base_model)
+    adapters = adapter_state_dict(model)
     write_json(out_dir / CONFIG_NAME, {"base_model": str(base.resolve()) if base.exists() else str(base_model),
-                                       **model.lora_config})
-    write_safetensors(out_dir / WEIGHTS_NAME, adapter_state_dict(model), metadata={"format": "pt"})
+                                       **model.lora_config, "parameters": sum(p.numel() for p in adapters.values())})
+    write_safetensors(out_dir / WEIGHTS_NAME, adapters, metadata={"format": "pt"})
 
 
 def read_adapter_config(path):
@@ -160,7 +161,7 @@ def read_adapter_config(path):
     except (OSError, ValueError) as e:
         raise ValueError(f"{path}: unreadable adapter config ({e})") from None
     for field, kind in (("base_model", str), ("rank", int), ("alpha", (int, float)), ("dropout", (int, float)),
-                        ("targets", list)):
+                        ("targets", list), ("parameters", int)):
         if not isinstance(cfg.get(field), kind):
             raise ValueError(f"{path}: field {field!r} is missing or not a {getattr(kind, '__name__', 'number')}")
     return cfg
@@ -222,13 +223,10 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     if args.command == "info":
-        from checkpoint import read_safetensors
-
         cfg = read_adapter_config(args.adapters)
-        n = sum(t.numel() for t in read_safetensors(Path(args.adapters) / WEIGHTS_NAME).values())
         print(f"{args.adapters}: rank {cfg['rank']}, alpha {cfg['alpha']} (scale {cfg['alpha'] / cfg['rank']:g}), "
-              f"dropout {cfg['dropout']}, targets {','.join(cfg['targets'])}; {n / 1e6:.2f}M adapter parameters; "
-              f"base model {cfg['base_model']}")
+              f"dropout {cfg['dropout']}, targets {','.join(cfg['targets'])}; {cfg['parameters'] / 1e6:.2f}M "
+              f"adapter parameters; base model {cfg['base_model']}")
     else:
         from model import DTYPES, save_model
 

@@ -17,6 +17,8 @@ Stages (each cached in OUT/stages/<name>.json when done; a killed run continues 
     retrieval    bilingual sentence retrieval English <-> X, and its correlation with per-language transfer
     probe_*      toxicity probe, toxic value vectors, their vocabulary projection, activations before/after
                  DPO, and the causal intervention
+    *_lora       the paper's Appendix D: the same DPO run training LoRA adapters (rank 64, alpha 16, dropout
+                 0.05, every linear layer) instead of all weights, then its samples, toxicity and margins
     report       OUT/report.md (tables in the paper's layout), with the JSON and SVG files beside it
 
 Every stage is the same CLI a user would run by hand; the exact commands go to OUT/commands.sh.
@@ -36,7 +38,8 @@ from pathlib import Path
 import torch
 
 import data
-from report import markdown_table, write_json, write_text
+from report import bar_chart_svg, markdown_table, write_json, write_text
+from train_dpo import TrainConfig
 
 BASE_MODEL = "gemma-3-270m"
 
@@ -59,6 +62,13 @@ PRESETS = {
                   intervene_langs=list(data.LANGS), intervene_offsets="0,-1,-2,-3,-4,-5,5", intervene_prompts=50,
                   intervene_n=25, max_len=256, activation_langs=list(data.LANGS)),
 }
+
+# The paper's LoRA settings for its 7-8B models (QLoRA there; here the base stays in --dtype).
+LORA = {"--lora-rank": 64, "--lora-alpha": 16, "--lora-dropout": 0.05}
+# LoRA's update starts at zero and is scaled by alpha/rank = 0.25, so at full fine-tuning's learning rate it
+# barely moves in 60 steps (gemma-3-270m, lr 3e-6: English validation loss 0.69 -> 0.40 vs 0.0016 for full
+# fine-tuning). Ten times the learning rate is the usual LoRA practice and brings English learning close.
+LORA_LR_FACTOR = 10
 
 # The paper's mGPT-1.3B figures, quoted in the report for comparison (Li, Yong & Bach 2024).
 PAPER = {"toxprob_before": 46.8, "toxprob_after": 3.9, "retrieval_pearson": 0.73, "kept_vectors": 36,
@@ -127,24 +137,38 @@ class Pipeline:
                                     self.path("generations", f"{name}.jsonl"), "--n", p["n"], "--max-new-tokens",
                                     p["max_new_tokens"], "--seed", 0, "--batch-size", 4, *self.common()])
 
-    def dpo(self):
-        run_dir = self.path("dpo")
+    def dpo(self, name="dpo", overrides=None):
+        """Train; `overrides` {flag: value} replaces the preset's value of a flag or adds the flag."""
+        run_dir = self.path(name)
+        preset_args = list(self.p["dpo"])
+        for flag, value in (overrides or {}).items():
+            if flag in preset_args:
+                preset_args[preset_args.index(flag) + 1] = value
+            else:
+                preset_args += [flag, value]
         # The default data is the split's English train/valid pairs; smoke trains on a few of them (and
         # validates on 5% of those) so that every stage runs in seconds.
         data_args = ["--data", self.path("pairs", "smoke.jsonl")] if self.p["dpo_pairs"] else []
         argv = ["--model", BASE_MODEL, "--out", run_dir, "--max-len", self.p["max_len"], *data_args,
-                *self.p["dpo"], *self.common()]
-        if (run_dir / "last" / "state.pt").exists() and not self.path("stages", "dpo.json").exists():
+                *preset_args, *self.common()]
+        if (run_dir / "last" / "state.pt").exists() and not self.path("stages", f"{name}.json").exists():
             argv.append("--resume")  # a killed training run continues exactly where it stopped
-        self.run("dpo", "train_dpo", argv)
+        self.run(name, "train_dpo", argv)
         return run_dir / "best"
 
-    def evaluate(self, scorer, extra):
-        out = self.path("eval", scorer)
-        self.run(f"eval_{scorer}", "evaluate", ["--before", self.path("generations", "gen_base.jsonl"),
-                                                "--after", self.path("generations", "gen_dpo.jsonl"),
-                                                "--scorer", scorer, "--json", out / "compare.json",
-                                                "--md", out / "compare.md", "--svg", out / "emt.svg", *extra])
+    def evaluate(self, scorer, extra, after="gen_dpo", name=None):
+        name = name or scorer
+        out = self.path("eval", name)
+        self.run(f"eval_{name}", "evaluate", ["--before", self.path("generations", "gen_base.jsonl"),
+                                              "--after", self.path("generations", f"{after}.jsonl"),
+                                              "--scorer", scorer, "--json", out / "compare.json",
+                                              "--md", out / "compare.md", "--svg", out / "emt.svg", *extra])
+
+    def margins(self, name, policy):
+        p = self.p
+        limit = ["--limit", p["margin_pairs"]] if p["margin_pairs"] else []
+        self.run(name, "evaluate", ["margins", "--policy", policy, "--reference", BASE_MODEL, "--out",
+                                    self.path(name), "--max-len", p["max_len"], *limit, *self.common()])
 
     def estimate(self, sizes):
         """Minutes this preset should take here, from a quick measurement of this machine's forward and
@@ -166,13 +190,15 @@ class Pipeline:
         prompts = sum(sizes["eval_prompts_used"].values())
         langs = len(data.LANGS)
         steps = int(p["dpo"][p["dpo"].index("--max-steps") + 1]) if "--max-steps" in p["dpo"] else 700
-        sampled = (2 * prompts * p["n"] + 2 * len(p["activation_langs"]) * p["probe_prompts"] + p["probe_prompts"]
+        # three sampled models (base, DPO, LoRA DPO), two DPO runs and their margins
+        sampled = (3 * prompts * p["n"] + 2 * len(p["activation_langs"]) * p["probe_prompts"] + p["probe_prompts"]
                    + len(p["intervene_langs"]) * p["intervene_prompts"] * p["intervene_n"]
                    * len(p["intervene_offsets"].split(","))) * p["max_new_tokens"]
-        forward = (steps * 4 * 2 * p["max_len"] * 4  # DPO steps (x3) and reference/validation passes (x1)
-                   + langs * (p["judge_per_lang"] or 1000) * 64 + p["max_len"] * 2 * 2 * 16 * (p["margin_pairs"] or 400)
+        forward = (2 * steps * 4 * 2 * p["max_len"] * 4  # DPO steps (x3) and reference/validation passes (x1)
+                   + langs * (p["judge_per_lang"] or 1000) * 64
+                   + 2 * p["max_len"] * 2 * 2 * 16 * (p["margin_pairs"] or 400)
                    + langs * (p["retrieval_limit"] or 200) * 40 + (p["probe_texts"] or 1100) * 64
-                   + 2 * prompts * p["n"] * 60)  # perplexity and judge scoring of the samples
+                   + 3 * prompts * p["n"] * 60)  # perplexity and judge scoring of the samples
         minutes = (sampled / gen_tps + forward / fwd_tps) / 60
         print(f"estimate for --preset {self.preset}: about {minutes:.0f} min on this machine "
               f"(measured now: forward {fwd_tps:.0f} tokens/s, sampling {gen_tps:.0f} tokens/s at batch 8; "
@@ -191,11 +217,11 @@ class Pipeline:
             (["--limit", p["judge_per_lang"]] if p["judge_per_lang"] else [])
         self.run("judge", "probe", judge_args + self.common())
         judge = self.path("judge", "judge.safetensors")
-        self.evaluate("lexicon", ["--ppl-model", BASE_MODEL, "--device", self.device])
-        self.evaluate("probe", ["--judge", judge, "--device", self.device])
-        limit = ["--limit", p["margin_pairs"]] if p["margin_pairs"] else []
-        self.run("margins", "evaluate", ["margins", "--policy", policy, "--reference", BASE_MODEL, "--out",
-                                         self.path("margins"), "--max-len", p["max_len"], *limit, *self.common()])
+        lexicon_args = ["--ppl-model", BASE_MODEL, "--device", self.device]
+        scored_by_judge = ["--judge", judge, "--device", self.device]
+        self.evaluate("lexicon", lexicon_args)
+        self.evaluate("probe", scored_by_judge)
+        self.margins("margins", policy)
         limit = ["--limit", p["retrieval_limit"]] if p["retrieval_limit"] else []
         self.run("retrieval", "retrieve", ["score", "--model", BASE_MODEL, "--out", self.path("retrieval"), *limit,
                                            "--device", self.device])
@@ -230,6 +256,13 @@ class Pipeline:
                                               p["intervene_offsets"], "--limit", p["intervene_prompts"], "--n",
                                               p["intervene_n"], "--scorer", "probe", "--judge", judge, *tokens,
                                               *self.common()])
+        dpo_args = p["dpo"]
+        lr = float(dpo_args[dpo_args.index("--lr") + 1]) if "--lr" in dpo_args else TrainConfig().lr
+        lora_policy = self.dpo("dpo_lora", {**LORA, "--lr": f"{LORA_LR_FACTOR * lr:g}"})  # equal steps
+        self.generate("gen_lora", lora_policy)
+        self.evaluate("lexicon", lexicon_args, after="gen_lora", name="lora_lexicon")
+        self.evaluate("probe", scored_by_judge, after="gen_lora", name="lora_probe")
+        self.margins("margins_lora", lora_policy)
         write_text(self.path("commands.sh"), "#!/usr/bin/env bash\n# The stages of this run, in order.\n"
                    + "\n".join(self.commands) + "\n")
         return sizes
@@ -241,6 +274,10 @@ class Pipeline:
 
 def read_json(path):
     return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line]
 
 
 def collect(out):
@@ -255,7 +292,13 @@ def collect(out):
                          for s in ("lexicon", "probe", "margins")},
          "probe": {s: read_json(out / "probe" / f"{s}.json")
                    for s in ("train", "vectors", "project", "activations", "intervene")},
-         "dpo": [json.loads(line) for line in (out / "dpo" / "metrics.jsonl").read_text().splitlines() if line]}
+         "dpo": read_metrics(out / "dpo"),
+         "lora": {"eval": {s: read_json(out / "eval" / f"lora_{s}" / "compare.json")["comparison"]
+                           for s in ("lexicon", "probe")},
+                  "margins": read_json(out / "margins_lora" / "margins.json"), "dpo": read_metrics(out / "dpo_lora"),
+                  "adapter": read_json(out / "dpo_lora" / "best" / "adapter_config.json"),
+                  "config": read_json(out / "dpo_lora" / "config.json")},
+         "dpo_config": read_json(out / "dpo" / "config.json")}
     meta = out / "run.json"
     r["run"] = read_json(meta) if meta.exists() else {}
     return r
@@ -298,6 +341,65 @@ def transfer_agreement(r):
     rho, p = correlation_test([-emt[l] for l in langs], [margin[l] for l in langs], "spearman", 2000)
     return {"n": len(langs), "spearman": rho, "p": p, "langs": langs,
             "disagree": [l for l in langs if (emt[l] < 0) != (margin[l] > 0)]}
+
+
+def training_summary(metrics):
+    """(last validation record or None, mean ms per training step) of a train_dpo.py run."""
+    evals = [m for m in metrics if m.get("split") == "valid"]
+    steps = [m["ms_per_step"] for m in metrics if m.get("split") == "train" and "ms_per_step" in m]
+    return (evals[-1] if evals else None), (sum(steps) / len(steps) if steps else float("nan"))
+
+
+def lora_section(r):
+    """The paper's Appendix D: full fine-tuning vs LoRA at equal steps, per language."""
+    lo, a = r["lora"], r["lora"]["adapter"]
+    full_val, full_ms = training_summary(r["dpo"])
+    full_lr, lora_lr = r["dpo_config"]["lr"], lo["config"]["lr"]
+    lora_val, lora_ms = training_summary(lo["dpo"])
+    langs = [l for l in [*data.LANGS, "average"] if l in r["eval"]["probe"] and l in lo["eval"]["probe"]]
+    margin_langs = [l for l in langs if l in r["margins"] and l in lo["margins"]]
+    # A smaller margin elsewhere may only mirror a smaller effect in English: the ratio to English separates the two
+    relative = {name: {l: res["margins"][l]["mean_margin"] / res["margins"]["en"]["mean_margin"]
+                       for l in margin_langs if l != "en"} if "en" in margin_langs else {}
+                for name, res in (("full", r), ("lora", lo))}
+
+    def margin(m):
+        lo_ci, hi_ci = m["mean_margin_ci"]
+        return f"{m['mean_margin']:+.3f} [{lo_ci:+.3f}, {hi_ci:+.3f}]"
+
+    rows = []
+    for lang in langs:
+        row = [lang]
+        for results in (r, lo):
+            row += [arrow(results["eval"]["probe"][lang]["emt"]), arrow(results["eval"]["lexicon"][lang]["tox_prob"])]
+        for results in (r, lo):
+            ppl = results["eval"]["lexicon"][lang].get("ppl")
+            row.append(arrow(ppl, 1) if ppl else "n/a")
+        row += [margin(results["margins"][lang]) if lang in margin_langs else "n/a" for results in (r, lo)]
+        row += [fmt(relative[name].get(lang), 2) for name in ("full", "lora")]
+        rows.append(row)
+    smaller = [l for l in margin_langs if lo["margins"][l]["mean_margin"] < r["margins"][l]["mean_margin"]]
+    mean_relative = {name: sum(v.values()) / len(v) if v else float("nan") for name, v in relative.items()}
+    english = lambda v: (f"validation loss {fmt(v['loss'])}, reward accuracy {fmt(v['reward_accuracy'])}, margin "
+                         f"{fmt(v['reward_margin'])} at step {v['step']}") if v else "no evaluation"
+    lines = ["## Full fine-tuning vs LoRA (the paper's Appendix D)", "",
+             f"The same English-only DPO run (pairs, steps, seed) training LoRA adapters instead of the weights, at "
+             f"{fmt(lora_lr / full_lr, 0)}x the learning rate ({lora_lr:g} vs {full_lr:g}; LoRA's update starts at "
+             f"zero and is scaled by alpha/rank): rank {a['rank']}, alpha {fmt(float(a['alpha']), 0)}, dropout {a['dropout']}, on "
+             f"{', '.join(a['targets'])} of every block ({a['parameters'] / 1e6:.1f}M trained parameters). "
+             f"English: full fine-tuning {english(full_val)}; LoRA {english(lora_val)}. Mean step time "
+             f"{fmt(full_ms / 1000, 2)} s (full) vs {fmt(lora_ms / 1000, 2)} s (LoRA) on this machine.", "",
+             markdown_table(["lang", "EMT (judge), full", "ToxProb (lexicon), full", "EMT (judge), LoRA",
+                             "ToxProb (lexicon), LoRA", "PPL, full", "PPL, LoRA", "held-out margin, full",
+                             "held-out margin, LoRA", "margin / English margin, full",
+                             "margin / English margin, LoRA"], rows), "",
+             f"The LoRA policy's held-out margin is smaller than full fine-tuning's in {len(smaller)} of "
+             f"{len(margin_langs)} languages ({', '.join(smaller) or 'none'}); the paper found LoRA transfers "
+             f"less across languages than full fine-tuning. Measured against each run's own English margin, the "
+             f"other languages keep on average {fmt(mean_relative['full'], 2)} of it under full fine-tuning and "
+             f"{fmt(mean_relative['lora'], 2)} under LoRA: a ratio near or above full fine-tuning's means LoRA's "
+             "smaller effect elsewhere mirrors its smaller effect in English. Chart: dpo_lora_margins.svg.", ""]
+    return lines
 
 
 def render_report(r):
@@ -368,6 +470,7 @@ def render_report(r):
     lines += [f"Intervention: mean toxicity ({iv['scorer']} scorer) when the kept neurons are shifted by a constant.",
               "", markdown_table(["offset"] + iv_langs,
                                  [[o] + [fmt(v[l]) for l in iv_langs] for o, v in iv["toxicity"].items()]), ""]
+    lines += lora_section(r)
     lex_avg, jud_avg = r["eval"]["lexicon"]["average"], r["eval"]["probe"]["average"]
     lines += ["## Compared with the paper", "",
               f"On mGPT-1.3B with 24,576 PPLM pairs and Perspective API scores, the paper reports ToxProb "
@@ -383,7 +486,13 @@ def render_report(r):
 
 
 def write_report(out):
-    text = render_report(collect(out))
+    r = collect(out)
+    text = render_report(r)
+    langs = [l for l in data.LANGS if l in r["margins"] and l in r["lora"]["margins"]]
+    write_text(Path(out) / "dpo_lora_margins.svg", bar_chart_svg(
+        langs, {"full fine-tuning": [r["margins"][l]["mean_margin"] for l in langs],
+                "LoRA": [r["lora"]["margins"][l]["mean_margin"] for l in langs]},
+        "Held-out preference margin after English-only DPO", "mean margin (beta * log-ratio)"))
     write_text(Path(out) / "report.md", text)
     return text
 

@@ -16,6 +16,10 @@ and the driver runs the TRL side with that interpreter:
     python3 bench/dpo_vs_trl.py --steps 4 --trl-python /tmp/fixenv/bin/python
     python3 bench/dpo_vs_trl.py --steps 4 --trl-python /tmp/fixenv/bin/python --freeze-embeddings
     python3 bench/dpo_vs_trl.py --steps 4 --trl-python /tmp/fixenv/bin/python --checkpointing ours
+
+--lora trains LoRA adapters instead (the paper's rank 64, alpha 16, dropout 0.05, every linear layer of the
+blocks): ours with --lora-rank 64, TRL with a peft LoraConfig (target_modules="all-linear"; pip install peft
+in the same venv). Run it next to the full fine-tuning run to compare the two ways of training.
 """
 
 import argparse
@@ -30,6 +34,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+LORA = dict(r=64, lora_alpha=16, lora_dropout=0.05)  # the paper's values
 
 
 def peak_rss_mb():
@@ -61,7 +66,9 @@ def run_ours(args):
             "--warmup-steps", "0", "--eval-every", "100000", "--log-every", "1", "--valid-frac", "0.05",
             "--eval-batch-size", "8", "--freeze-embeddings" if args.freeze_embeddings else "--no-freeze-embeddings",
             "--activation-checkpointing" if args.checkpointing in ("ours", "both")
-            else "--no-activation-checkpointing"])
+            else "--no-activation-checkpointing",
+            *(["--lora-rank", str(LORA["r"]), "--lora-alpha", str(LORA["lora_alpha"]), "--lora-dropout",
+               str(LORA["lora_dropout"])] if args.lora else [])])
     return {"steps": durations(marks), "peak_rss_mb": peak_rss_mb()}
 
 
@@ -91,8 +98,12 @@ def run_trl(args):
                            max_grad_norm=10.0, beta=0.1, max_length=96, precompute_ref_log_probs=True, use_cpu=True,
                            report_to=[], save_strategy="no", eval_strategy="no", logging_steps=1,
                            dataloader_num_workers=0, seed=42, gradient_checkpointing=args.checkpointing == "both")
+        peft_config = None
+        if args.lora:
+            from peft import LoraConfig
+            peft_config = LoraConfig(**LORA, target_modules="all-linear", task_type="CAUSAL_LM")
         trainer = DPOTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows),
-                             processing_class=tokenizer, callbacks=[StepClock()])
+                             processing_class=tokenizer, callbacks=[StepClock()], peft_config=peft_config)
         trainer.train()
     return {"steps": durations(StepClock.marks), "peak_rss_mb": peak_rss_mb()}
 
@@ -125,6 +136,8 @@ def main(argv=None):
     p.add_argument("--checkpointing", choices=["none", "ours", "both"], default="none",
                    help="activation checkpointing on neither side, only ours (--activation-checkpointing), or both "
                         "(TRL: gradient_checkpointing=True)")
+    p.add_argument("--lora", action="store_true", help="train LoRA adapters (rank 64, alpha 16, dropout 0.05, "
+                   "all linear layers) on both sides instead of the weights")
     p.add_argument("--side", choices=["both", "ours", "trl"], default="both",
                    help="both: prepare, run each side in its own process and compare (the others are internal)")
     p.add_argument("--json", default=None, help="also write the results here")
@@ -141,8 +154,9 @@ def main(argv=None):
     results = {}
     common = ["--steps", str(args.steps), "--work-dir", args.work_dir,
               "--checkpointing", args.checkpointing] + \
-        (["--freeze-embeddings"] if args.freeze_embeddings else [])
-    config = f"{'frozen' if args.freeze_embeddings else 'trained'}-ckpt_{args.checkpointing}-steps{args.steps}"
+        (["--freeze-embeddings"] if args.freeze_embeddings else []) + (["--lora"] if args.lora else [])
+    config = f"{'frozen' if args.freeze_embeddings else 'trained'}-ckpt_{args.checkpointing}-steps{args.steps}" + \
+        ("-lora" if args.lora else "")
     for side, python in (("ours", sys.executable), ("trl", args.trl_python)):
         done = Path(args.work_dir) / f"{side}-{config}.json"  # a finished side is not rerun
         if not done.exists():
@@ -157,7 +171,8 @@ def main(argv=None):
         r["wall_s"] = statistics.median(w for w, _ in r["steps"])
         r["cpu_s"] = statistics.median(c for _, c in r["steps"])
     ours, trl = results["ours"], results["trl"]
-    print(f"batch 8 pairs x <=96 tokens, {'frozen' if args.freeze_embeddings else 'trained'} embeddings, "
+    print(f"batch 8 pairs x <=96 tokens, {'LoRA rank 64' if args.lora else 'full fine-tuning'}, "
+          f"{'frozen' if args.freeze_embeddings else 'trained'} embeddings, "
           f"activation checkpointing: {args.checkpointing}; median of {args.steps} steps after a "
           f"warm-up step; load average {os.getloadavg()[0]:.1f}")
     print(f"{'':6s} {'wall s/step':>12s} {'CPU s/step':>11s} {'peak RSS':>10s}")

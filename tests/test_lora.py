@@ -197,3 +197,12 @@ def test_bad_adapter_directories_are_one_line_errors(tmp_path):
     shutil.copytree(good, no_base)
     (no_base / lora.CONFIG_NAME).write_text(json.dumps({**cfg, "base_model": str(tmp_path / "gone")}))
     fails(no_base, "base model")
+
+
+def test_lora_run_on_a_bf16_base(tmp_path):
+    out = tmp_path / "bf16"
+    result = train_dpo.main(lora_args(tmp_path, out, "--max-steps", "2", "--dtype", "bf16"))
+    assert result["step"] == 2 and all(math.isfinite(m["loss"]) for m in read_metrics(out))
+    trained, _ = lora.load_adapter_model(out / "last", dtype=torch.bfloat16, merged=False)
+    assert trained.blocks[0].mlp.up.weight.dtype == torch.bfloat16
+    assert {p.dtype for p in lora.adapter_state_dict(trained).values()} == {torch.float32}

@@ -48,14 +48,16 @@ def test_smoke_preset_writes_a_complete_report(smoke_run):
     report = (smoke_run / "report.md").read_text()
     for heading in ("## Data", "## Toxicity before -> after DPO, per language", "## The learned judge",
                     "## Held-out preference margins", "## Bilingual retrieval and transfer",
-                    "## Why: toxic value vectors", "## Compared with the paper"):
+                    "## Why: toxic value vectors", "## Full fine-tuning vs LoRA (the paper's Appendix D)",
+                    "## Compared with the paper"):
         assert heading in report
     headline = report.split("## Toxicity before -> after DPO, per language")[1].split("##")[0]
     rows = [line.split("|")[1].strip() for line in headline.splitlines() if line.startswith("| ")]
     assert [r for r in rows if r in data.LANGS] == list(data.LANGS)
     assert "average" in rows
     for name in ("report.md", "commands.sh", "eval/lexicon/emt.svg", "margins/margins.svg",
-                 "correlation/margins/correlation.svg", "probe/activations.svg", "probe/intervene.svg"):
+                 "correlation/margins/correlation.svg", "probe/activations.svg", "probe/intervene.svg",
+                 "dpo_lora_margins.svg", "dpo_lora/best/adapter_model.safetensors"):
         assert (smoke_run / name).stat().st_size > 0
 
 
