@@ -36,9 +36,46 @@ TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
 
 
+class LoRAUpdate(torch.autograd.Function):
+    """scale * dropout(x) @ A^T @ B^T in fp32, keeping for the backward pass only x itself (one tensor that the
+    layers reading the same input, e.g. q, k and v, share), a one-byte dropout mask and the rank-r product.
+    Written as nn.Dropout + two F.linear calls, autograd would keep a dropped copy of x per layer and, on the
+    CPU, dropout's 4-byte noise tensor too: 8 bytes per input value per layer. On gemma-3-270m, one forward pass
+    over 16 x 96 tokens keeps 3.84 GB for the backward pass that way, 3.06 GB this way (2.90 GB without dropout,
+    3.20 GB for full fine-tuning with the embedding frozen)."""
+
+    @staticmethod
+    def forward(ctx, x, A, B, keep, keep_prob, scale):
+        # x [..., in]; A [r, in], B [out, r] fp32; keep: bool mask like x, or None (no dropout)
+        with torch.autocast(x.device.type, enabled=False):  # the adapters compute in fp32 under any autocast
+            h = F.linear(LoRAUpdate.dropped(x, A.dtype, keep, keep_prob), A)  # [..., r]
+            out = F.linear(h, B) * scale                                       # [..., out]
+        ctx.save_for_backward(x, A, B, h, keep)
+        ctx.keep_prob, ctx.scale = keep_prob, scale
+        return out
+
+    @staticmethod
+    def dropped(x, dtype, keep, keep_prob):
+        x = x.to(dtype)
+        return x if keep is None else x * keep / keep_prob
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, A, B, h, keep = ctx.saved_tensors
+        g = (grad_out.to(B.dtype) * ctx.scale).flatten(0, -2)  # [N, out]
+        grad_h = g @ B                                          # [N, r]
+        grad_B = g.T @ h.flatten(0, -2)                         # [out, r]
+        grad_A = grad_h.T @ LoRAUpdate.dropped(x, A.dtype, keep, ctx.keep_prob).flatten(0, -2)  # [r, in]
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad_h @ A).view(*x.shape[:-1], A.shape[1])
+            grad_x = (grad_x if keep is None else grad_x * keep / ctx.keep_prob).to(x.dtype)
+        return grad_x, grad_A, grad_B, None, None, None
+
+
 class LoRALinear(nn.Linear):
     """An nn.Linear whose weight and bias are the frozen base layer's own parameters (so the base keeps its
-    checkpoint names) plus fp32 adapters lora_A [r, in] and lora_B [out, r]."""
+    checkpoint names) plus fp32 adapters lora_A [r, in] and lora_B [out, r], and dropout on the update's input."""
 
     def __init__(self, base, rank, alpha, dropout):
         nn.Module.__init__(self)  # not nn.Linear.__init__: the weights exist already
@@ -48,17 +85,18 @@ class LoRALinear(nn.Linear):
         self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=device, dtype=torch.float32))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=device, dtype=torch.float32))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's init, as in the LoRA paper's code
-        self.scale = alpha / rank
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.scale, self.dropout = alpha / rank, dropout
         self.enabled = True
 
     def forward(self, x):
         y = F.linear(x, self.weight, self.bias)
         if not self.enabled:
             return y
-        # In fp32 unless autocast says otherwise: the update is small next to x W^T and bf16 would round it away.
-        update = F.linear(F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A), self.lora_B)
-        return y + (self.scale * update).to(y.dtype)
+        keep = None
+        if self.training and self.dropout > 0:
+            keep = torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1 - self.dropout)
+        # In fp32: the update is small next to x W^T, and bf16 would round much of it away.
+        return y + LoRAUpdate.apply(x, self.lora_A, self.lora_B, keep, 1 - self.dropout, self.scale).to(y.dtype)
 
     def delta(self):
         """The update as a weight: scale * B @ A, [out, in], fp32."""

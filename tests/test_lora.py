@@ -57,6 +57,18 @@ def test_merged_weights_are_base_plus_scaled_BA_and_keep_the_outputs(family):
     assert not torch.allclose(base(ids, mask), unmerged, atol=1e-3)  # the adapters do change the model
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_lora_update_gradients(dropout):
+    g = torch.Generator().manual_seed(0)
+    x, A, B = (torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=True)
+               for shape in ((2, 5, 6), (3, 6), (4, 3)))
+    keep = (torch.rand(2, 5, 6, generator=g) >= dropout) if dropout else None
+    torch.autograd.gradcheck(lambda x, A, B: lora.LoRAUpdate.apply(x, A, B, keep, 1 - dropout, 0.7), (x, A, B))
+    out = lora.LoRAUpdate.apply(x, A, B, keep, 1 - dropout, 0.7)
+    dropped = x if keep is None else x * keep / (1 - dropout)
+    torch.testing.assert_close(out, 0.7 * dropped @ A.T @ B.T, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
 def test_disabled_adapters_give_the_base_logits_exactly(family):
     base, _ = model_lib.load_model(MODELS / family)
