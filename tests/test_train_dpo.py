@@ -195,11 +195,12 @@ def test_cpu_preset_applies_only_to_unset_flags_of_the_default_model():
     cfg, source = train_dpo.resolve_config([])
     for k, v in train_dpo.CPU_PRESET.items():
         assert getattr(cfg, k) == v and source[k] == "CPU preset"
-    assert cfg.optimizer == "rmsprop" and cfg.batch_size == 4 and cfg.warmup_steps == 150 and cfg.patience == 10
+    assert cfg.optimizer == "rmsprop" and cfg.batch_size == 4 and cfg.patience == 10
     cfg, source = train_dpo.resolve_config(["--lr", "1e-5", "--no-freeze-embeddings"])
     assert cfg.lr == 1e-5 and source["lr"] == "flag" and cfg.freeze_embeddings is False and cfg.max_len == 96
     cfg, _ = train_dpo.resolve_config(["--model", "other"])
-    assert (cfg.lr, cfg.max_len, cfg.max_steps, cfg.freeze_embeddings, cfg.eval_every) == (1e-5, 256, None, False, 100)
+    assert (cfg.lr, cfg.warmup_steps, cfg.max_len, cfg.max_steps, cfg.freeze_embeddings, cfg.eval_every) == \
+        (1e-5, 150, 256, None, False, 100)
     cfg, _ = train_dpo.resolve_config(["--device", "cuda"])
     assert cfg.lr == 1e-5
     with pytest.raises(ValueError, match="max-len"):
@@ -384,13 +385,15 @@ def test_corrupted_resume_state_is_a_one_line_error(tmp_path):
         train_dpo.main(["--out", str(out), "--resume"])
 
 
-def test_ddp_two_processes_match_one_process(tmp_path):
+# LoRA without dropout: dropout masks come from each process's own RNG stream, so they differ from one process's
+@pytest.mark.parametrize("extra", [[], ["--lora-rank", "4", "--lora-dropout", "0", "--lr", "1e-2"]], ids=["full", "lora"])
+def test_ddp_two_processes_match_one_process(tmp_path, extra):
     single = tmp_path / "single"
-    train_dpo.main(run_args(tmp_path, single, "--max-steps", "4", "--batch-size", "4"))
+    train_dpo.main(run_args(tmp_path, single, "--max-steps", "4", "--batch-size", "4", *extra))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                            "--standalone", "train_dpo.py",
-                           *run_args(tmp_path, tmp_path / "ddp", "--max-steps", "4", "--batch-size", "4")],
+                           *run_args(tmp_path, tmp_path / "ddp", "--max-steps", "4", "--batch-size", "4", *extra)],
                           cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = read_metrics(single), read_metrics(tmp_path / "ddp")
