@@ -16,13 +16,15 @@ dropout 0.05 on every linear layer, and finds LoRA transfers across languages le
 An adapter directory holds adapter_config.json (rank, alpha, dropout, targets, the base model's name) and
 adapter_model.safetensors (this repo's parameter names: blocks.{i}.attn.q.lora_A, ...). `model.load_model`
 reads such a directory as the base model with the adapters merged in, so generate.py, evaluate.py and
-probe.py take it like any checkpoint.
+probe.py take it like any checkpoint. Directories that peft's save_pretrained wrote (LoRA, including rsLoRA and
+adapters on GPT-2's and BLOOM's fused q/k/v layers) load the same way.
 """
 
 import argparse
 import contextlib
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -192,12 +194,14 @@ def save_adapters(model, out_dir, base_model):
 
 
 def read_adapter_config(path):
-    """The adapter_config.json of an adapter directory, checked field by field."""
+    """The adapter_config.json of an adapter directory, ours or PEFT's, checked field by field."""
     path = Path(path) / CONFIG_NAME
     try:
         cfg = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise ValueError(f"{path}: unreadable adapter config ({e})") from None
+    if "peft_type" in cfg:
+        return _from_peft_config(cfg, path)
     for field, kind in (("base_model", str), ("rank", int), ("alpha", (int, float)), ("dropout", (int, float)),
                         ("targets", list), ("parameters", int)):
         if not isinstance(cfg.get(field), kind):
@@ -205,23 +209,69 @@ def read_adapter_config(path):
     return cfg
 
 
+def _from_peft_config(cfg, path):
+    """A PEFT LoRA config in our terms; the targets come from the tensor names (see peft_tensors). Refuses the
+    PEFT options that change what the adapters compute."""
+    if cfg["peft_type"] != "LORA":
+        raise ValueError(f"{path}: peft_type {cfg['peft_type']!r} is not LORA")
+    for field, plain in (("use_dora", False), ("bias", "none"), ("rank_pattern", {}), ("alpha_pattern", {}),
+                         ("layers_to_transform", None), ("modules_to_save", None), ("lora_bias", False)):
+        if cfg.get(field, plain) not in (plain, None):
+            raise ValueError(f"{path}: field {field!r} = {cfg[field]!r} is unsupported (needs {plain!r})")
+    for field in ("r", "lora_alpha"):
+        if not isinstance(cfg.get(field), (int, float)):
+            raise ValueError(f"{path}: field {field!r} is missing or not a number")
+    # rsLoRA scales by alpha / sqrt(r); ours by alpha / r: the same scale with alpha * sqrt(r)
+    alpha = cfg["lora_alpha"] * (math.sqrt(cfg["r"]) if cfg.get("use_rslora") else 1)
+    return {"base_model": cfg.get("base_model_name_or_path") or "", "rank": cfg["r"], "alpha": alpha,
+            "dropout": cfg.get("lora_dropout", 0.0), "targets": None, "format": "peft"}
+
+
+def peft_tensors(model, tensors, source):
+    """PEFT's adapter tensors ('base_model.model.<HF module>.lora_A.weight') under our names, and the targets
+    they cover. A fused q/k/v projection (GPT-2's c_attn, BLOOM's query_key_value) has one adapter, B @ A with
+    B [3 * out, r]: q, k and v each get A and their rows of B, which computes the same update."""
+    from model import _qkv_split
+
+    cfg = model.config
+    modules = {theirs.removesuffix(".weight"): [ours.removesuffix(".weight")] for ours, theirs in cfg.hf_names()
+               if ours.startswith("blocks.") and ours.split(".")[-2] in TARGETS and ours.endswith(".weight")}
+    if cfg.fused_qkv:
+        modules.update({cfg.fused_qkv.format(i=i): [f"blocks.{i}.attn.{x}" for x in "qkv"]
+                        for i in range(cfg.n_layers)})
+    out = {}
+    for key, t in tensors.items():
+        match = re.fullmatch(r"base_model\.model\.(.+)\.lora_([AB])(?:\.default)?\.weight", key)
+        if match is None or match[1] not in modules:
+            raise ValueError(f"{source}: tensor {key} is not a LoRA weight of a linear layer of this "
+                             f"{cfg.family} model's blocks")
+        ours = modules[match[1]]
+        parts = [t] * len(ours) if match[2] == "A" or len(ours) == 1 else [_qkv_split(cfg, t, x) for x in "qkv"]
+        out.update({f"{name}.lora_{match[2]}": part.contiguous() for name, part in zip(ours, parts)})
+    targets = [t for t in TARGETS if any(name.split(".")[-2] == t for name in out)]
+    return out, targets
+
+
 def is_adapter_dir(path):
     return (Path(path) / CONFIG_NAME).is_file()
 
 
 def load_adapters(model, adapter_dir):
-    """Add the adapters of `adapter_dir` to a base model (unmerged, trainable), checking every tensor's name
-    and shape against the model. Returns the model."""
+    """Add the adapters of `adapter_dir` (ours, or PEFT's LoRA format) to a base model (unmerged, trainable),
+    checking every tensor's name and shape against the model. Returns the model."""
     from checkpoint import read_safetensors
     from model import check_tensors
 
     cfg = read_adapter_config(adapter_dir)
-    add_lora(model, cfg["rank"], cfg["alpha"], cfg["dropout"], cfg["targets"])
     path = Path(adapter_dir) / WEIGHTS_NAME
     device = next(model.parameters()).device
     tensors = read_safetensors(path, device=device, dtype=torch.float32)
+    targets = cfg["targets"]
+    if cfg.get("format") == "peft":
+        tensors, targets = peft_tensors(model, tensors, path)
+    add_lora(model, cfg["rank"], cfg["alpha"], cfg["dropout"], targets)
     expected = {name: p.shape for name, p in adapter_state_dict(model).items()}
-    check_tensors(expected, tensors, f"{path} (for base model {cfg['base_model']})")
+    check_tensors(expected, tensors, f"{path} (on base model {getattr(model, 'name_or_path', cfg['base_model'])})")
     model.load_state_dict(tensors, strict=False)
     for p in adapter_state_dict(model).values():
         p.requires_grad_(True)
@@ -235,6 +285,8 @@ def load_adapter_model(adapter_dir, device="cpu", dtype=torch.float32, base=None
 
     cfg = read_adapter_config(adapter_dir)
     base = base or cfg["base_model"]
+    if not base:
+        raise ValueError(f"{Path(adapter_dir) / CONFIG_NAME}: names no base model; pass it explicitly")
     try:
         model, tokenizer = load_model(base, device=device, dtype=dtype)
     except FileNotFoundError as e:
@@ -261,10 +313,14 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     if args.command == "info":
+        from checkpoint import read_safetensors
+
         cfg = read_adapter_config(args.adapters)
-        print(f"{args.adapters}: rank {cfg['rank']}, alpha {cfg['alpha']} (scale {cfg['alpha'] / cfg['rank']:g}), "
-              f"dropout {cfg['dropout']}, targets {','.join(cfg['targets'])}; {cfg['parameters'] / 1e6:.2f}M "
-              f"adapter parameters; base model {cfg['base_model']}")
+        n = sum(t.numel() for t in read_safetensors(Path(args.adapters) / WEIGHTS_NAME).values())
+        targets = ",".join(cfg["targets"]) if cfg["targets"] else "as the tensors name them"
+        print(f"{args.adapters}: {'PEFT ' if cfg.get('format') == 'peft' else ''}LoRA rank {cfg['rank']}, alpha "
+              f"{cfg['alpha']:g} (scale {cfg['alpha'] / cfg['rank']:g}), dropout {cfg['dropout']}, targets {targets}; "
+              f"{n / 1e6:.2f}M adapter parameters; base model {cfg['base_model'] or '(not named)'}")
     else:
         from model import DTYPES, save_model
 

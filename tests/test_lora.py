@@ -204,7 +204,7 @@ def test_bad_adapter_directories_are_one_line_errors(tmp_path):
     shutil.copytree(good, mismatched)
     cfg = json.loads((mismatched / lora.CONFIG_NAME).read_text())
     (mismatched / lora.CONFIG_NAME).write_text(json.dumps({**cfg, "base_model": str(MODELS / "llama")}))
-    fails(mismatched, f"(for base model {MODELS / 'llama'}): unexpected tensor(s) blocks.2.")
+    fails(mismatched, f"(on base model {MODELS / 'llama'}): unexpected tensor(s) blocks.2.")
     no_base = tmp_path / "no_base"
     shutil.copytree(good, no_base)
     (no_base / lora.CONFIG_NAME).write_text(json.dumps({**cfg, "base_model": str(tmp_path / "gone")}))
@@ -218,3 +218,31 @@ def test_lora_run_on_a_bf16_base(tmp_path):
     trained, _ = lora.load_adapter_model(out / "last", dtype=torch.bfloat16, merged=False)
     assert trained.blocks[0].mlp.up.weight.dtype == torch.bfloat16
     assert {p.dtype for p in lora.adapter_state_dict(trained).values()} == {torch.float32}
+
+
+@pytest.mark.parametrize("family", ["gpt2", "bloom", "llama"])
+def test_peft_adapters_load_with_peft_logits(family):
+    """Adapters saved by peft itself (tests/fixtures/make_peft_fixtures.py): Conv1D layers (gpt2) and fused q/k/v
+    projections (gpt2, bloom) included."""
+    fixture = ROOT / "tests" / "fixtures" / "peft" / family
+    golden = torch.load(fixture / "golden.pt", weights_only=True)
+    model, _ = lora.load_adapter_model(fixture, base=MODELS / family, merged=False)
+    assert set(lora.lora_layers(model)) and model.lora_config["rank"] == 4
+    torch.testing.assert_close(model.eval()(golden["input_ids"]), golden["logits"], rtol=1e-5, atol=1e-5)
+    merged = lora.merge(model)
+    torch.testing.assert_close(merged(golden["input_ids"]), golden["logits"], rtol=1e-5, atol=1e-5)
+    info = subprocess.run([sys.executable, "lora.py", "info", str(fixture)], cwd=ROOT, capture_output=True, text=True)
+    assert info.returncode == 0 and "PEFT LoRA rank 4" in info.stdout, info.stderr
+
+
+def test_peft_adapters_for_another_model_are_refused(tmp_path):
+    shutil.copytree(ROOT / "tests" / "fixtures" / "peft" / "llama", tmp_path / "llama")
+    with pytest.raises(ValueError, match=f"on base model {TINY_MODEL}\\): missing tensor\\(s\\) blocks.2."):
+        lora.load_adapter_model(tmp_path / "llama", base=TINY_MODEL)  # same layer names, one layer more
+    with pytest.raises(ValueError, match="attn.c_attn.lora_A.weight is not a LoRA weight of a linear layer of "
+                                         "this llama model"):
+        lora.load_adapter_model(ROOT / "tests" / "fixtures" / "peft" / "gpt2", base=MODELS / "llama")
+    cfg = json.loads((tmp_path / "llama" / lora.CONFIG_NAME).read_text())
+    (tmp_path / "llama" / lora.CONFIG_NAME).write_text(json.dumps({**cfg, "use_dora": True}))
+    with pytest.raises(ValueError, match="'use_dora' = True is unsupported"):
+        lora.load_adapter_model(tmp_path / "llama", base=MODELS / "llama")
