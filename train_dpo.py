@@ -117,7 +117,8 @@ HELP = {
     "label_smoothing": "cDPO: assumed probability that a pair's preference label is wrong (0 = DPO)",
     "loss_type": "sigmoid = DPO (Rafailov et al. eq. 7); ipo = IPO (Azar et al.) on per-token log-ratios",
     "ref_model": "cache: reference log-probs computed once before training with the starting model and "
-                 "cached in RUN/ref_logps.pt (one model in memory); frozen: keep a frozen copy in memory (with LoRA: no copy, the policy with its adapters disabled)",
+                 "cached in RUN/ref_logps.pt (one model in memory); frozen: keep a frozen copy in memory (with "
+                 "LoRA: no copy, the policy with its adapters disabled)",
     "optimizer": "rmsprop (the paper: as good as Adam with half the state) or adamw (torch defaults)",
     "lr": "peak learning rate (constant after warm-up)",
     "warmup_steps": "linear learning-rate warm-up steps",
@@ -548,9 +549,9 @@ def update_reference_cache(path, key, splits, batches, needed, load_start_model,
 
 def save_checkpoint(model, tokenizer, path, state=None):
     """Write model (its LoRA adapters alone, if it has any) and resume state to a temp dir, then rename it into
-    place. A crash leaves either the old
-    or the new directory: a directory cannot be os.replace'd over a non-empty one, so the old one is first
-    moved aside to .NAME.old, which `find_checkpoint` falls back to if the crash hit between the renames."""
+    place. A crash leaves either the old or the new directory: a directory cannot be os.replace'd over a
+    non-empty one, so the old one is first moved aside to .NAME.old, which `find_checkpoint` falls back to if
+    the crash hit between the renames."""
     path = Path(path)
     tmp, old = path.with_name(f".{path.name}.tmp"), path.with_name(f".{path.name}.old")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -589,10 +590,10 @@ def load_resume_state(run_dir, device, dtype):
         raise ValueError(f"{last / 'state.pt'}: corrupted resume state ({first_line(e)}); delete {run_dir} "
                          "to restart") from None
     try:
-        model, tokenizer = lora.load_adapter_model(last, device, dtype, merged=False) if lora.is_adapter_dir(last) \
-            else load_model(last, device=device)
-    except FileNotFoundError:
-        raise
+        if lora.is_adapter_dir(last):
+            model, tokenizer = lora.load_adapter_model(last, device, dtype, merged=False)
+        else:
+            model, tokenizer = load_model(last, device=device)
     except Exception as e:
         raise ValueError(f"{last}: corrupted checkpoint ({first_line(e)})") from None
     return model, tokenizer, state
