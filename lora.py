@@ -12,6 +12,7 @@ dropout 0.05 on every linear layer, and finds LoRA transfers across languages le
     python train_dpo.py --lora-rank 64 --out runs/lora       # adapters alone in runs/lora/best, last
     python lora.py info runs/lora/best                        # what an adapter directory holds
     python lora.py merge runs/lora/best --out runs/merged     # base + adapters -> one HF checkpoint
+    python lora.py peft runs/lora/best --out runs/peft        # the adapters in PEFT's format
 
 An adapter directory holds adapter_config.json (rank, alpha, dropout, targets, the base model's name) and
 adapter_model.safetensors (this repo's parameter names: blocks.{i}.attn.q.lora_A, ...). `model.load_model`
@@ -227,18 +228,25 @@ def _from_peft_config(cfg, path):
             "dropout": cfg.get("lora_dropout", 0.0), "targets": None, "format": "peft"}
 
 
-def peft_tensors(model, tensors, source):
-    """PEFT's adapter tensors ('base_model.model.<HF module>.lora_A.weight') under our names, and the targets
-    they cover. A fused q/k/v projection (GPT-2's c_attn, BLOOM's query_key_value) has one adapter, B @ A with
-    B [3 * out, r]: q, k and v each get A and their rows of B, which computes the same update."""
-    from model import _qkv_split
-
-    cfg = model.config
+def hf_modules(cfg):
+    """{HF module name: [our module names]} of the linear layers LoRA can target: one each, except a fused q/k/v
+    projection (GPT-2's c_attn, BLOOM's query_key_value), which is our q, k and v."""
     modules = {theirs.removesuffix(".weight"): [ours.removesuffix(".weight")] for ours, theirs in cfg.hf_names()
                if ours.startswith("blocks.") and ours.split(".")[-2] in TARGETS and ours.endswith(".weight")}
     if cfg.fused_qkv:
         modules.update({cfg.fused_qkv.format(i=i): [f"blocks.{i}.attn.{x}" for x in "qkv"]
                         for i in range(cfg.n_layers)})
+    return modules
+
+
+def peft_tensors(model, tensors, source):
+    """PEFT's adapter tensors ('base_model.model.<HF module>.lora_A.weight') under our names, and the targets
+    they cover. A fused q/k/v projection has one adapter, B @ A with B [3 * out, r]: q, k and v each get A and
+    their rows of B, which computes the same update."""
+    from model import _qkv_split
+
+    cfg = model.config
+    modules = hf_modules(cfg)
     out = {}
     for key, t in tensors.items():
         match = re.fullmatch(r"base_model\.model\.(.+)\.lora_([AB])(?:\.default)?\.weight", key)
@@ -250,6 +258,30 @@ def peft_tensors(model, tensors, source):
         out.update({f"{name}.lora_{match[2]}": part.contiguous() for name, part in zip(ours, parts)})
     targets = [t for t in TARGETS if any(name.split(".")[-2] == t for name in out)]
     return out, targets
+
+
+def save_peft_adapters(model, out_dir, base_model):
+    """Write the adapters in PEFT's LoRA format (peft's PeftModel.from_pretrained, vLLM, ... read it). Families
+    whose checkpoints fuse q, k and v are refused: PEFT has one adapter of a single rank on the fused layer,
+    while ours has one per projection."""
+    from checkpoint import write_safetensors
+    from report import write_json
+
+    cfg = model.config
+    if cfg.fused_qkv:
+        raise ValueError(f"{cfg.family}: PEFT puts one adapter on the fused q/k/v layer; ours has one per "
+                         "projection, which PEFT's format cannot hold at a single rank (use lora.py merge)")
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    theirs = {ours[0]: hf for hf, ours in hf_modules(cfg).items()}
+    tensors = {f"base_model.model.{theirs[name.rsplit('.', 1)[0]]}.{name.rsplit('.', 1)[1]}.weight": p
+               for name, p in adapter_state_dict(model).items()}
+    c = model.lora_config
+    write_json(Path(out_dir) / CONFIG_NAME, {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base_model),
+        "r": c["rank"], "lora_alpha": c["alpha"], "lora_dropout": c["dropout"], "bias": "none",
+        "target_modules": sorted({theirs[name].rsplit(".", 1)[1] for name in lora_layers(model)}),
+        "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "inference_mode": True})
+    write_safetensors(Path(out_dir) / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
 
 
 def is_adapter_dir(path):
@@ -310,6 +342,10 @@ def main(argv=None):
     mg.add_argument("--out", required=True, help="output HF directory")
     mg.add_argument("--base", default=None, help="base model, if not where adapter_config.json says")
     mg.add_argument("--dtype", default="fp32", help="dtype of the merged weights: fp32, bf16, fp16")
+    ex = sub.add_parser("peft", help="write the adapters in PEFT's format (Llama, Gemma 3, Cohere families)")
+    ex.add_argument("adapters", help="adapter directory")
+    ex.add_argument("--out", required=True, help="output directory (adapter_config.json, adapter_model.safetensors)")
+    ex.add_argument("--base", default=None, help="base model, if not where adapter_config.json says")
     args = p.parse_args(argv)
 
     if args.command == "info":
@@ -321,6 +357,11 @@ def main(argv=None):
         print(f"{args.adapters}: {'PEFT ' if cfg.get('format') == 'peft' else ''}LoRA rank {cfg['rank']}, alpha "
               f"{cfg['alpha']:g} (scale {cfg['alpha'] / cfg['rank']:g}), dropout {cfg['dropout']}, targets {targets}; "
               f"{n / 1e6:.2f}M adapter parameters; base model {cfg['base_model'] or '(not named)'}")
+    elif args.command == "peft":
+        base = args.base or read_adapter_config(args.adapters)["base_model"]
+        model, _ = load_adapter_model(args.adapters, base=base, merged=False)
+        save_peft_adapters(model, args.out, base)
+        print(f"wrote {args.adapters} in PEFT's format to {args.out}")
     else:
         from model import DTYPES, save_model
 

@@ -246,3 +246,25 @@ def test_peft_adapters_for_another_model_are_refused(tmp_path):
     (tmp_path / "llama" / lora.CONFIG_NAME).write_text(json.dumps({**cfg, "use_dora": True}))
     with pytest.raises(ValueError, match="'use_dora' = True is unsupported"):
         lora.load_adapter_model(tmp_path / "llama", base=MODELS / "llama")
+
+
+def test_adapters_written_in_peft_format_match_peft_files_and_load_back(tmp_path):
+    base, _ = model_lib.load_model(MODELS / "llama")
+    model = randomize_adapters(lora.add_lora(copy.deepcopy(base), rank=4, alpha=8)).eval()
+    lora.save_adapters(model, tmp_path / "ours", MODELS / "llama")
+    proc = subprocess.run([sys.executable, "lora.py", "peft", str(tmp_path / "ours"), "--out", str(tmp_path / "peft")],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    from checkpoint import read_safetensors
+    ours = read_safetensors(tmp_path / "peft" / lora.WEIGHTS_NAME)
+    written_by_peft = read_safetensors(ROOT / "tests" / "fixtures" / "peft" / "llama" / lora.WEIGHTS_NAME)
+    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in written_by_peft.items()}
+    config = json.loads((tmp_path / "peft" / lora.CONFIG_NAME).read_text())
+    assert (config["peft_type"], config["r"], config["lora_alpha"]) == ("LORA", 4, 8)
+    assert sorted(config["target_modules"]) == sorted({k.split(".")[-3] for k in written_by_peft})
+    back, _ = lora.load_adapter_model(tmp_path / "peft", merged=False)
+    ids, mask = inputs(base.config.vocab_size)
+    assert torch.equal(back.eval()(ids, mask), model(ids, mask))
+    with pytest.raises(ValueError, match="fused q/k/v"):
+        lora.save_peft_adapters(lora.add_lora(model_lib.load_model(MODELS / "bloom")[0], rank=2), tmp_path / "b",
+                                MODELS / "bloom")
