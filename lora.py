@@ -325,7 +325,9 @@ def load_adapter_model(adapter_dir, device="cpu", dtype=torch.float32, base=None
         raise FileNotFoundError(f"{Path(adapter_dir) / CONFIG_NAME}: base model {base!r} not found ({e}); "
                                 "pass the base model's path explicitly") from None
     load_adapters(model, adapter_dir)
-    return (merge(model) if merged else model), tokenizer
+    if merged:  # an ordinary checkpoint, trainable like any other load_model result
+        merge(model).requires_grad_(True)
+    return model, tokenizer
 
 
 # -----------------------------------------------------------------------------

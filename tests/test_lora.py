@@ -164,6 +164,7 @@ def test_adapters_round_trip_and_merge_cli(tmp_path):
     expected = model(ids, mask)
     assert torch.equal(loaded(ids, mask), expected)
     through_load_model, _ = model_lib.load_model(tmp_path / "adapters")  # merged
+    assert all(p.requires_grad for p in through_load_model.parameters())
     torch.testing.assert_close(through_load_model(ids, mask), expected, rtol=1e-5, atol=1e-5)
     proc = subprocess.run([sys.executable, "lora.py", "merge", str(tmp_path / "adapters"), "--out",
                            str(tmp_path / "merged")], cwd=ROOT, capture_output=True, text=True)
