@@ -179,19 +179,28 @@ def merge(model):
 # Adapter directories
 
 
-def save_adapters(model, out_dir, base_model):
-    """Write the adapters alone (a few MB instead of the whole model) and what is needed to rebuild the model:
-    adapter_config.json names the base model (as given to load_model) and the LoRA settings."""
+def write_adapter_dir(out_dir, config, tensors):
+    """adapter_config.json and adapter_model.safetensors, each written atomically."""
     from checkpoint import write_safetensors
     from report import write_json
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    write_json(Path(out_dir) / CONFIG_NAME, config)
+    write_safetensors(Path(out_dir) / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
+
+
+def base_name(base_model):
+    """The base model as the adapter config names it: an absolute path for a local one, else the name given."""
     base = Path(base_model)
+    return str(base.resolve()) if base.exists() else str(base_model)
+
+
+def save_adapters(model, out_dir, base_model):
+    """Write the adapters alone (a few MB instead of the whole model) and what is needed to rebuild the model:
+    adapter_config.json names the base model (as given to load_model) and the LoRA settings."""
     adapters = adapter_state_dict(model)
-    write_json(out_dir / CONFIG_NAME, {"base_model": str(base.resolve()) if base.exists() else str(base_model),
-                                       **model.lora_config, "parameters": sum(p.numel() for p in adapters.values())})
-    write_safetensors(out_dir / WEIGHTS_NAME, adapters, metadata={"format": "pt"})
+    write_adapter_dir(out_dir, {"base_model": base_name(base_model), **model.lora_config,
+                                "parameters": sum(p.numel() for p in adapters.values())}, adapters)
 
 
 def read_adapter_config(path):
@@ -264,24 +273,19 @@ def save_peft_adapters(model, out_dir, base_model):
     """Write the adapters in PEFT's LoRA format (peft's PeftModel.from_pretrained, vLLM, ... read it). Families
     whose checkpoints fuse q, k and v are refused: PEFT has one adapter of a single rank on the fused layer,
     while ours has one per projection."""
-    from checkpoint import write_safetensors
-    from report import write_json
-
     cfg = model.config
     if cfg.fused_qkv:
         raise ValueError(f"{cfg.family}: PEFT puts one adapter on the fused q/k/v layer; ours has one per "
                          "projection, which PEFT's format cannot hold at a single rank (use lora.py merge)")
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
     theirs = {ours[0]: hf for hf, ours in hf_modules(cfg).items()}
     tensors = {f"base_model.model.{theirs[name.rsplit('.', 1)[0]]}.{name.rsplit('.', 1)[1]}.weight": p
                for name, p in adapter_state_dict(model).items()}
     c = model.lora_config
-    write_json(Path(out_dir) / CONFIG_NAME, {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base_model),
+    write_adapter_dir(out_dir, {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_name(base_model),
         "r": c["rank"], "lora_alpha": c["alpha"], "lora_dropout": c["dropout"], "bias": "none",
         "target_modules": sorted({theirs[name].rsplit(".", 1)[1] for name in lora_layers(model)}),
-        "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "inference_mode": True})
-    write_safetensors(Path(out_dir) / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
+        "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "inference_mode": True}, tensors)
 
 
 def is_adapter_dir(path):
@@ -304,9 +308,7 @@ def load_adapters(model, adapter_dir):
     add_lora(model, cfg["rank"], cfg["alpha"], cfg["dropout"], targets)
     expected = {name: p.shape for name, p in adapter_state_dict(model).items()}
     check_tensors(expected, tensors, f"{path} (on base model {getattr(model, 'name_or_path', cfg['base_model'])})")
-    model.load_state_dict(tensors, strict=False)
-    for p in adapter_state_dict(model).values():
-        p.requires_grad_(True)
+    model.load_state_dict(tensors, strict=False)  # the adapters add_lora made are trainable; the base is frozen
     return model
 
 
@@ -360,9 +362,8 @@ def main(argv=None):
               f"{cfg['alpha']:g} (scale {cfg['alpha'] / cfg['rank']:g}), dropout {cfg['dropout']}, targets {targets}; "
               f"{n / 1e6:.2f}M adapter parameters; base model {cfg['base_model'] or '(not named)'}")
     elif args.command == "peft":
-        base = args.base or read_adapter_config(args.adapters)["base_model"]
-        model, _ = load_adapter_model(args.adapters, base=base, merged=False)
-        save_peft_adapters(model, args.out, base)
+        model, _ = load_adapter_model(args.adapters, base=args.base, merged=False)
+        save_peft_adapters(model, args.out, model.name_or_path)
         print(f"wrote {args.adapters} in PEFT's format to {args.out}")
     else:
         from model import DTYPES, save_model

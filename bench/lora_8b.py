@@ -17,7 +17,6 @@ linear layer); --mode full keeps fp32 weights and autocasts matmuls to --dtype, 
 
 import argparse
 import json
-import resource
 import sys
 import time
 from pathlib import Path
@@ -30,12 +29,6 @@ import lora  # noqa: E402
 import train_dpo  # noqa: E402
 from lora_memory import MODELS  # noqa: E402
 from model import DTYPES, Transformer, config_from_hf  # noqa: E402
-
-
-def peak_memory_gb(device):
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated(device) / 1e9
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
 
 
 def random_batch(pairs, seq, vocab, device):
@@ -118,7 +111,7 @@ def main(argv=None):
         result["tokens_per_s"] = 2 * args.batch * args.grad_accum * args.seq / result["s_per_step"]
     except torch.OutOfMemoryError as e:
         result["out_of_memory"] = str(e).splitlines()[0]
-    result["peak_memory_gb"] = peak_memory_gb(args.device)
+    result["peak_memory_mb"] = train_dpo.peak_memory_mb(args.device)
     print(json.dumps(result, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
