@@ -642,12 +642,17 @@ def margin_metrics(policy, reference, beta, n_boot=1000, seed=0):
     }
 
 
+def margin_cell(m):
+    """A language's mean held-out margin with its bootstrap 95% CI, for tables."""
+    lo, hi = m["mean_margin_ci"]
+    return f"{m['mean_margin']:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+
+
 def margins_table(result, langs):
     rows = []
     for lang in langs:
         m = result[lang]
-        lo, hi = m["mean_margin_ci"]
-        rows.append([lang, m["n_pairs"], f"{m['mean_margin']:+.3f} [{lo:+.3f}, {hi:+.3f}]",
+        rows.append([lang, m["n_pairs"], margin_cell(m),
                      f"{m['reward_accuracy']:.3f}", f"{m['mean_margin_per_token']:+.4f}",
                      f"{m['prefers_benign_before']:.3f} -> {m['prefers_benign_after']:.3f}"])
     return markdown_table(["lang", "pairs", "mean margin [95% CI]", "reward acc.", "margin/token",

@@ -352,6 +352,8 @@ def training_summary(metrics):
 
 def lora_section(r):
     """The paper's Appendix D: full fine-tuning vs LoRA at equal steps, per language."""
+    from evaluate import margin_cell
+
     lo, a = r["lora"], r["lora"]["adapter"]
     full_val, full_ms = training_summary(r["dpo"])
     full_lr, lora_lr = r["dpo_config"]["lr"], lo["config"]["lr"]
@@ -362,11 +364,6 @@ def lora_section(r):
     relative = {name: {l: res["margins"][l]["mean_margin"] / res["margins"]["en"]["mean_margin"]
                        for l in margin_langs if l != "en"} if "en" in margin_langs else {}
                 for name, res in (("full", r), ("lora", lo))}
-
-    def margin(m):
-        lo_ci, hi_ci = m["mean_margin_ci"]
-        return f"{m['mean_margin']:+.3f} [{lo_ci:+.3f}, {hi_ci:+.3f}]"
-
     rows = []
     for lang in langs:
         row = [lang]
@@ -375,7 +372,7 @@ def lora_section(r):
         for results in (r, lo):
             ppl = results["eval"]["lexicon"][lang].get("ppl")
             row.append(arrow(ppl, 1) if ppl else "n/a")
-        row += [margin(results["margins"][lang]) if lang in margin_langs else "n/a" for results in (r, lo)]
+        row += [margin_cell(results["margins"][lang]) if lang in margin_langs else "n/a" for results in (r, lo)]
         row += [fmt(relative[name].get(lang), 2) for name in ("full", "lora")]
         rows.append(row)
     smaller = [l for l in margin_langs if lo["margins"][l]["mean_margin"] < r["margins"][l]["mean_margin"]]
@@ -385,9 +382,9 @@ def lora_section(r):
     lines = ["## Full fine-tuning vs LoRA (the paper's Appendix D)", "",
              f"The same English-only DPO run (pairs, steps, seed) training LoRA adapters instead of the weights, at "
              f"{fmt(lora_lr / full_lr, 0)}x the learning rate ({lora_lr:g} vs {full_lr:g}; LoRA's update starts at "
-             f"zero and is scaled by alpha/rank): rank {a['rank']}, alpha {fmt(float(a['alpha']), 0)}, dropout {a['dropout']}, on "
-             f"{', '.join(a['targets'])} of every block ({a['parameters'] / 1e6:.1f}M trained parameters). "
-             f"English: full fine-tuning {english(full_val)}; LoRA {english(lora_val)}. Mean step time "
+             f"zero and is scaled by alpha/rank): rank {a['rank']}, alpha {fmt(float(a['alpha']), 0)}, dropout "
+             f"{a['dropout']}, on {', '.join(a['targets'])} of every block ({a['parameters'] / 1e6:.1f}M trained "
+             f"parameters). English: full fine-tuning {english(full_val)}; LoRA {english(lora_val)}. Mean step time "
              f"{fmt(full_ms / 1000, 2)} s (full) vs {fmt(lora_ms / 1000, 2)} s (LoRA) on this machine.", "",
              markdown_table(["lang", "EMT (judge), full", "ToxProb (lexicon), full", "EMT (judge), LoRA",
                              "ToxProb (lexicon), LoRA", "PPL, full", "PPL, LoRA", "held-out margin, full",
