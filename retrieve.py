@@ -19,8 +19,8 @@ Two scores per language X, per layer and averaged over layers:
             a known fix for the anisotropy of decoder hidden states (all of them point one way).
 
     python retrieve.py score --model gemma-3-270m --langs de fr zh --limit 50 --out runs/retrieval
-    python retrieve.py correlate --retrieval runs/retrieval/retrieval.json --transfer runs/eval/compare.json \\
-        --out runs/retrieval
+    python retrieve.py correlate --retrieval runs/retrieval/retrieval.json --transfer emt=runs/eval/compare.json:emt \\
+        --transfer margin=runs/margins/margins.json:mean_margin --control runs/clean_ppl.json:log_ppl --out runs/corr
     python retrieve.py predict --model gemma-3-270m --out runs/retrieval
 """
 
@@ -38,6 +38,7 @@ from tqdm import tqdm
 import data
 from model import pooled_activations
 from report import markdown_table, scatter_svg, write_json, write_text
+from stats import correlation_test, format_p, partial_correlation, pearson, rankdata, spearman  # pearson etc.: old names
 
 SOURCE_LANG = "en"
 TARGET_LANGS = tuple(lang for lang in data.LANGS if lang != SOURCE_LANG)
@@ -86,49 +87,6 @@ def retrieval_scores(en_reps, xx_reps, center=False):
     xx2en = (sim.argmax(1) == target).float().mean(1)
     return {"cosine": sim.diagonal(dim1=1, dim2=2).mean(1), "accuracy": (en2xx + xx2en) / 2,
             "accuracy_en2xx": en2xx, "accuracy_xx2en": xx2en}
-
-
-# -----------------------------------------------------------------------------
-# Statistics (numpy only: no scipy)
-
-
-def rankdata(x):
-    """1-based ranks of x; ties get the average of the ranks they span (as scipy's default)."""
-    x = np.asarray(x, dtype=float)
-    ordinal = np.empty(len(x))
-    ordinal[np.argsort(x, kind="stable")] = np.arange(1, len(x) + 1)
-    _, group, counts = np.unique(x, return_inverse=True, return_counts=True)
-    return (np.bincount(group, weights=ordinal) / counts)[group]
-
-
-def pearson(x, y):
-    """Pearson r along the last axis (broadcasts, so one call scores many permutations); nan if constant."""
-    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-    xc, yc = x - x.mean(-1, keepdims=True), y - y.mean(-1, keepdims=True)
-    denom = np.sqrt((xc ** 2).sum(-1) * (yc ** 2).sum(-1))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(denom > 0, (xc * yc).sum(-1) / denom, np.nan)
-
-
-def spearman(x, y):
-    return pearson(rankdata(x), rankdata(y))
-
-
-def correlation_test(x, y, method="pearson", permutations=10000, seed=0):
-    """(r, two-sided permutation p-value): the share of random pairings of x with y whose |r| reaches the
-    observed |r|, counting the observed pairing itself (so p >= 1 / (permutations + 1), never 0)."""
-    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-    if method == "spearman":  # permuting y permutes its ranks: rank once, then it is Pearson on ranks
-        x, y = rankdata(x), rankdata(y)
-    r = float(pearson(x, y))
-    if math.isnan(r):
-        return r, float("nan")
-    rng = np.random.default_rng(seed)
-    shuffled = rng.permuted(np.tile(y, (permutations, 1)), axis=1)  # [P, n], each row a random pairing
-    r_null = pearson(x, shuffled)                                    # [P]
-    # The tolerance keeps permutations that reproduce r exactly (e.g. swapping tied values) counted.
-    hits = int(np.sum(np.abs(r_null) >= abs(r) - 1e-12))
-    return r, (hits + 1) / (permutations + 1)
 
 
 # -----------------------------------------------------------------------------
@@ -265,7 +223,7 @@ def _dig(entry, fields, where):
         return float("nan")
     if isinstance(entry, dict):
         raise ValueError(f"{where}: entries are objects with fields {', '.join(sorted(entry))}; "
-                         "choose one with --transfer-key")
+                         "choose one with --transfer NAME=PATH:KEY")
     return _number(entry, where)
 
 
@@ -320,37 +278,118 @@ def read_retrieval(path, score="cosine", layer=None):
     return {lang: e["per_layer"][score][index] for lang, e in result["languages"].items()}, result
 
 
-def run_correlate(args):
-    retrieval, result = read_retrieval(args.retrieval, args.score, args.layer)
-    transfer, what = read_transfer(args.transfer, args.transfer_key)
-    langs = [lang for lang in retrieval if lang in transfer]
-    missing = sorted((set(retrieval) ^ set(transfer)) - {SOURCE_LANG})
-    if len(langs) < 3:
-        raise ValueError(f"{args.transfer}: only {len(langs)} language(s) shared with {args.retrieval}; need 3+")
-    xs, ys = [retrieval[lang] for lang in langs], [transfer[lang] for lang in langs]
-    stats = {}
+RETRIEVAL_METRICS = ("cosine", "accuracy")  # the paper's code (mean cosine of true pairs) and its text (top-1)
+SIGN_CONVENTION = ("% change measures (EMT, ToxProb): negative = more detoxification, so retrieval predicting "
+                   "transfer shows as a NEGATIVE r; margin / reward-accuracy measures: positive = more "
+                   "detoxification, so it shows as a POSITIVE r.")
+
+
+def parse_transfer_spec(spec):
+    """'NAME=PATH:KEY' -> (name, path, key); NAME= and :KEY are optional (name defaults to the file stem[:key])."""
+    name, sep, rest = spec.partition("=")
+    if not sep:
+        name, rest = None, spec
+    path, sep, key = rest.rpartition(":")
+    if not sep or not path or "/" in key:
+        path, key = rest, None
+    if not path:
+        raise ValueError(f"--transfer {spec!r}: expected NAME=PATH:KEY")
+    return name or (Path(path).stem + (f":{key}" if key else "")), path, key or None
+
+
+def lower_is_more_detox(what):
+    return what.startswith("% change")
+
+
+def _tests(xs, ys, zs, args):
+    out = {}
     for method in ("pearson", "spearman"):
         r, p = correlation_test(xs, ys, method, args.permutations, args.seed)
-        stats[method] = {"r": r, "p": p}
+        out[method] = {"r": r, "p": p}
+        if zs is not None:
+            r, p = partial_correlation(xs, ys, zs, method, args.permutations, args.seed)
+            out[f"partial_{method}"] = {"r": r, "p": p}
+    return out
+
+
+def run_correlate(args):
+    retrievals = {}
+    for metric in RETRIEVAL_METRICS:
+        retrievals[metric], result = read_retrieval(args.retrieval, metric, args.layer)
+    control = None
+    if args.control:
+        c_path, _, c_key = args.control.rpartition(":")
+        if not c_path or not c_key:
+            raise ValueError(f"--control {args.control!r}: expected PATH:KEY (e.g. clean_ppl.json:log_ppl)")
+        control, _ = read_transfer(c_path, c_key)
+    rows, languages = [], {}
+    for spec in args.transfer:
+        name, path, key = parse_transfer_spec(spec)
+        transfer, what = read_transfer(path, key)
+        langs = [l for l in retrievals["cosine"] if l in transfer and (control is None or l in control)]
+        need = 4 if control else 3  # a partial correlation spends one more degree of freedom
+        if len(langs) < need:
+            raise ValueError(f"{path}: only {len(langs)} language(s) shared with {args.retrieval}"
+                             f"{' and the control' if control else ''}; need {need}+")
+        ys = [transfer[l] for l in langs]
+        zs = [control[l] for l in langs] if control else None
+        direction = "lower = more detoxification" if lower_is_more_detox(what) else "higher = more detoxification"
+        for metric in RETRIEVAL_METRICS:
+            xs = [retrievals[metric][l] for l in langs]
+            rows.append({"transfer": name, "path": str(path), "key": key, "transfer_measure": what,
+                         "direction": direction, "retrieval_metric": metric, "n": len(langs), "langs": langs,
+                         "not_in_both": sorted((set(retrievals[metric]) ^ set(transfer)) - {SOURCE_LANG}),
+                         **_tests(xs, ys, zs, args)})
+        for l in langs:
+            languages.setdefault(l, {m: retrievals[m][l] for m in RETRIEVAL_METRICS})[name] = transfer[l]
+            if control:
+                languages[l]["control"] = control[l]
+    n_variants = sum(len([k for k in row if k in ("pearson", "spearman", "partial_pearson", "partial_spearman")])
+                     for row in rows)
+    for row in rows:  # the reader should weigh any one p against how many were computed
+        for k in ("pearson", "spearman", "partial_pearson", "partial_spearman"):
+            if k in row:
+                row[k]["p_bonferroni"] = min(1.0, row[k]["p"] * n_variants)
     layer = "mean over layers" if args.layer is None else f"layer {args.layer}"
-    out = {"retrieval": str(args.retrieval), "transfer": str(args.transfer), "score": args.score, "layer": args.layer,
-           "transfer_measure": what, "model": result["settings"]["model"], "n": len(langs), "not_in_both": missing,
-           "permutations": args.permutations, "seed": args.seed, **stats,
-           "languages": {lang: {"retrieval": retrieval[lang], "transfer": transfer[lang]} for lang in langs}}
+    out = {"retrieval": str(args.retrieval), "layer": args.layer, "model": result["settings"]["model"],
+           "retrieval_metrics": list(RETRIEVAL_METRICS), "sign_convention": SIGN_CONVENTION,
+           "control": {"spec": args.control, "values": control} if control else None,
+           "permutations": args.permutations, "seed": args.seed, "n_variants": n_variants, "results": rows,
+           "languages": languages}
     out_dir = Path(args.out)
     write_json(out_dir / "correlation.json", out)
-    text = (f"# Retrieval vs transfer ({out['model']})\n\nx: retrieval `{args.score}` ({layer}); y: {what} "
-            f"from `{args.transfer}`. For a % change in toxicity, more negative = more detoxification.\n\n")
-    text += markdown_table(["lang", f"retrieval {args.score}", "transfer"], [list(row) for row in zip(langs, xs, ys)])
-    text += "\n" + markdown_table(["statistic", "r", f"p (two-sided, {args.permutations} permutations)"],
-                                  [[m.capitalize(), stats[m]["r"], stats[m]["p"]] for m in stats])
-    if missing:
-        text += f"\nNot in both files (left out): {' '.join(missing)}\n"
+
+    def stat(row, k):
+        return [f"{row[k]['r']:+.2f}", format_p(row[k]["p"])] if k in row else []
+
+    methods = ["pearson", "spearman"] + (["partial_pearson", "partial_spearman"] if control else [])
+    headers = ["transfer", "measure", "direction", "retrieval", "langs"]
+    for m in methods:
+        title = m.replace("partial_", "partial ").capitalize()
+        headers += [f"{title} r", "p"]
+    table = markdown_table(headers, [[r["transfer"], r["transfer_measure"], r["direction"], r["retrieval_metric"],
+                                      r["n"]] + [x for m in methods for x in stat(r, m)] for r in rows])
+    text = (f"# Retrieval vs transfer ({out['model']})\n\nx: retrieval ({layer}), both `cosine` (the paper's "
+            f"code) and `accuracy` (top-1, the paper's text); y: each transfer measure. Sign convention: "
+            f"{SIGN_CONVENTION}\n\n")
+    if control:
+        text += (f"Partial correlations control for `{args.control}` (how well the model knows each language), "
+                 "residualised linearly (Spearman: on ranks).\n\n")
+    text += table + (f"\n{n_variants} correlation variants computed (p: two-sided, {args.permutations} "
+                     f"permutations each; JSON gives Bonferroni-adjusted p as p_bonferroni).\n")
+    names = list(dict.fromkeys(r["transfer"] for r in rows))
+    cols = list(RETRIEVAL_METRICS) + names + (["control"] if control else [])
+    text += "\n" + markdown_table(["lang"] + cols, [[l] + [v.get(c, "") for c in cols] for l, v in languages.items()])
     write_text(out_dir / "correlation.md", text)
-    svg = scatter_svg(xs, ys, langs, f"Retrieval vs transfer, {len(langs)} languages "
-                      f"(Pearson r = {stats['pearson']['r']:.2f})", f"retrieval {args.score} ({layer})", what, fit=True)
+    first = rows[0]
+    xs = [retrievals["cosine"][l] for l in first["langs"]]
+    ys = [languages[l][first["transfer"]] for l in first["langs"]]
+    svg = scatter_svg(xs, ys, first["langs"], f"Retrieval vs {first['transfer']}, {first['n']} languages "
+                      f"(Pearson r = {first['pearson']['r']:.2f})", f"retrieval cosine ({layer})",
+                      first["transfer_measure"], fit=True)
     write_text(out_dir / "correlation.svg", svg)
     print(text, end="")
+    print(f"{n_variants} correlation variants computed")
     print(f"wrote {out_dir / 'correlation.json'}, correlation.md, correlation.svg")
     return out
 
@@ -423,17 +462,18 @@ def build_parser():
                                "and averaged over layers.")
 
     corr = sub.add_parser("correlate", help="correlate a retrieval score with measured transfer",
-                          description="Pearson and Spearman r between a language's retrieval score and its "
-                                      "transfer, with two-sided permutation p-values; Markdown table and SVG scatter.")
+                          description="Pearson and Spearman r, with two-sided permutation p-values, between each "
+                                      "retrieval metric (cosine and top-1 accuracy, side by side) and every transfer "
+                                      "measure given, optionally partial on a --control; prints how many variants "
+                                      "were computed. Markdown table and SVG scatter. " + SIGN_CONVENTION)
     corr.add_argument("--retrieval", required=True, metavar="JSON", help="retrieval.json written by `score`")
-    corr.add_argument("--transfer", required=True, metavar="JSON",
-                      help="evaluate.py --before/--after JSON (%% change of EMT per language), a margin file "
-                           "{lang: {reward_accuracy, mean_margin}}, or {lang: number}")
-    corr.add_argument("--transfer-key", metavar="K", default=None,
-                      help="field to read: a metric of the evaluation JSON (default emt; e.g. tox_prob) or a "
-                           "margin-file field (reward_accuracy, mean_margin)")
-    corr.add_argument("--score", choices=("cosine", "accuracy", "accuracy_en2xx", "accuracy_xx2en"), default="cosine",
-                      help="retrieval score on x (default cosine, the paper's released-code measure)")
+    corr.add_argument("--transfer", required=True, action="append", metavar="NAME=PATH:KEY",
+                      help="a transfer measure (repeatable): an evaluate.py --before/--after JSON (KEY: a metric, "
+                           "default emt; its %% change is read), a margin file {lang: {mean_margin, "
+                           "reward_accuracy}} (KEY: the field), or {lang: number}; NAME= labels it")
+    corr.add_argument("--control", metavar="PATH:KEY", default=None,
+                      help="a per-language covariate for partial correlations, e.g. how well the model knows the "
+                           "language: clean_ppl.json:log_ppl from `evaluate.py clean-ppl`")
     corr.add_argument("--layer", default=None,
                       help="use one layer (index, or name: embed, 1 .. L) instead of the mean over layers")
     corr.add_argument("--permutations", type=int, default=10000, help="permutations for the p-values (default 10000)")

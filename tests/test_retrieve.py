@@ -9,6 +9,7 @@ import torch
 
 import model as model_lib
 import retrieve
+import stats
 import tokenizer
 
 # The tiny byte-level BPE of the parity fixtures (vocab 512, adds BOS): the real Tokenizer class.
@@ -173,25 +174,49 @@ def test_correlate_end_to_end_on_evaluate_output(tmp_path):
     comparison["average"] = {"emt": {"before": 0.5, "after": 0.3, "change_pct": -30.0}}
     transfer = tmp_path / "compare.json"
     transfer.write_text(json.dumps({"scorer": "lexicon", "before": {}, "after": {}, "comparison": comparison}))
-    out = retrieve.main(["correlate", "--retrieval", str(retrieval), "--transfer", str(transfer),
-                         "--out", str(tmp_path / "out"), "--permutations", "500"])
-    langs = list(out["languages"])
-    assert sorted(langs) == sorted(emt_change) and out["not_in_both"] == []
+    margins = tmp_path / "margins.json"
+    margins.write_text(json.dumps({l: {"mean_margin": -v / 100} for l, v in emt_change.items() if l != "ru"}))
+    control = tmp_path / "clean_ppl.json"
+    control.write_text(json.dumps({l: {"log_ppl": 2.0 + i * i % 3} for i, l in enumerate(RETRIEVAL)}))
+    out = retrieve.main(["correlate", "--retrieval", str(retrieval), "--transfer", f"emt={transfer}:emt",
+                         "--transfer", f"margin={margins}:mean_margin", "--transfer", str(transfer),
+                         "--control", f"{control}:log_ppl", "--out", str(tmp_path / "out"), "--permutations", "500"])
+    # 3 transfers x 2 retrieval metrics x (Pearson, Spearman, 2 partial) = 24 variants, all reported
+    assert out["n_variants"] == 24 and len(out["results"]) == 6
+    emt = {r["retrieval_metric"]: r for r in out["results"] if r["transfer"] == "emt"}
+    langs = emt["cosine"]["langs"]
+    assert sorted(langs) == sorted(emt_change) and emt["cosine"]["not_in_both"] == []
     xs, ys = [RETRIEVAL[l][0] for l in langs], [emt_change[l] for l in langs]
-    assert out["pearson"]["r"] == pytest.approx(float(retrieve.pearson(xs, ys)))
-    assert out["spearman"]["r"] == pytest.approx(-0.9)  # ranks: x (5,4,2,1,3) vs -y (5,4,1,2,3)
+    assert emt["cosine"]["pearson"]["r"] == pytest.approx(float(retrieve.pearson(xs, ys)))
+    assert emt["cosine"]["spearman"]["r"] == pytest.approx(-0.9)  # ranks: x (5,4,2,1,3) vs -y (5,4,1,2,3)
+    acc = [RETRIEVAL[l][1] for l in langs]
+    assert emt["accuracy"]["pearson"]["r"] == pytest.approx(float(retrieve.pearson(acc, ys)))
+    z = [2.0 + i * i % 3 for i, l in enumerate(RETRIEVAL) if l in langs]
+    assert emt["cosine"]["partial_pearson"]["r"] == pytest.approx(stats.partial_correlation(xs, ys, z, permutations=1)[0])
+    p = emt["cosine"]["pearson"]
+    assert p["p_bonferroni"] == pytest.approx(min(1.0, p["p"] * 24))
+    assert emt["cosine"]["direction"] == "lower = more detoxification"
+    margin = [r for r in out["results"] if r["transfer"] == "margin"][0]
+    assert margin["direction"] == "higher = more detoxification" and margin["n"] == 4
+    assert {r["transfer"] for r in out["results"]} == {"emt", "margin", "compare"}
     saved = json.loads((tmp_path / "out" / "correlation.json").read_text())
-    assert saved["pearson"] == out["pearson"] and saved["transfer_measure"] == "% change in emt"
+    assert saved["n_variants"] == 24 and "NEGATIVE r" in saved["sign_convention"]
     md = (tmp_path / "out" / "correlation.md").read_text()
-    assert "| de |" in md and "Spearman" in md
+    assert "| de |" in md and "Spearman" in md and "24 correlation variants" in md
     svg = ET.parse(tmp_path / "out" / "correlation.svg").getroot()
     labels = {t.text for t in svg.iter("{http://www.w3.org/2000/svg}text")}
     assert set(emt_change) <= labels
 
-    tox = retrieve.main(["correlate", "--retrieval", str(retrieval), "--transfer", str(transfer), "--score",
-                         "accuracy", "--transfer-key", "tox_prob", "--layer", "embed", "--out", str(tmp_path / "o2"),
-                         "--permutations", "100"])
-    assert tox["languages"]["de"] == {"retrieval": 0.8, "transfer": -20.0}
+    tox = retrieve.main(["correlate", "--retrieval", str(retrieval), "--transfer", f"{transfer}:tox_prob",
+                         "--layer", "embed", "--out", str(tmp_path / "o2"), "--permutations", "100"])
+    assert tox["languages"]["de"] == {"cosine": 0.9, "accuracy": 0.8, "compare:tox_prob": -20.0}
+    assert tox["n_variants"] == 4 and "partial_pearson" not in tox["results"][0]
+
+
+def test_parse_transfer_spec():
+    assert retrieve.parse_transfer_spec("m=runs/a.json:mean_margin") == ("m", "runs/a.json", "mean_margin")
+    assert retrieve.parse_transfer_spec("runs/a.json") == ("a", "runs/a.json", None)
+    assert retrieve.parse_transfer_spec("runs/a.json:emt") == ("a:emt", "runs/a.json", "emt")
 
 
 def test_read_transfer_formats_and_errors(tmp_path):
@@ -202,7 +227,7 @@ def test_read_transfer_formats_and_errors(tmp_path):
 
     margins = {"de": {"reward_accuracy": 0.9, "mean_margin": 1.5}, "fr": {"reward_accuracy": 0.7, "mean_margin": 0.5}}
     assert retrieve.read_transfer(write(margins), "mean_margin")[0] == {"de": 1.5, "fr": 0.5}
-    with pytest.raises(ValueError, match="choose one with --transfer-key"):
+    with pytest.raises(ValueError, match="choose one with --transfer NAME=PATH:KEY"):
         retrieve.read_transfer(write(margins))
     with pytest.raises(ValueError, match=r"t\.json: de: missing field 'acc' \(has: mean_margin, reward_accuracy\)"):
         retrieve.read_transfer(write(margins), "acc")

@@ -1,0 +1,216 @@
+"""Small statistics toolbox for the evaluation (numpy and the standard library only: no scipy).
+
+Intervals: bootstrap_ci (percentile bootstrap of a mean), wilson_interval (a binomial proportion), auc_ci (ROC
+AUC, bootstrap over items or groups). Tests: mcnemar_exact (paired binary outcomes), paired_bootstrap (paired
+means, optionally stratified), correlation_test / partial_correlation (permutation p-values). Agreement:
+cohen_kappa, roc_auc. Every p-value is two-sided and never 0 (resampling p-values count the observed data as
+one draw); format_p prints them.
+"""
+import math
+from statistics import NormalDist
+
+import numpy as np
+
+
+def _z(level):
+    """Two-sided standard-normal quantile for a confidence level (1.959964 for 0.95)."""
+    if not 0 < level < 1:
+        raise ValueError(f"confidence level must be in (0, 1), got {level}")
+    return NormalDist().inv_cdf((1 + level) / 2)
+
+
+# ----------------------------------------------------------------------------- ranks and correlations
+
+def rankdata(x):
+    """1-based ranks of x; ties get the average of the ranks they span (as scipy's default)."""
+    x = np.asarray(x, dtype=float)
+    ordinal = np.empty(len(x))
+    ordinal[np.argsort(x, kind="stable")] = np.arange(1, len(x) + 1)
+    _, group, counts = np.unique(x, return_inverse=True, return_counts=True)
+    return (np.bincount(group, weights=ordinal) / counts)[group]
+
+
+def pearson(x, y):
+    """Pearson r along the last axis (broadcasts, so one call scores many permutations); nan if constant."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    xc, yc = x - x.mean(-1, keepdims=True), y - y.mean(-1, keepdims=True)
+    denom = np.sqrt((xc ** 2).sum(-1) * (yc ** 2).sum(-1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denom > 0, (xc * yc).sum(-1) / denom, np.nan)
+
+
+def spearman(x, y):
+    return pearson(rankdata(x), rankdata(y))
+
+
+def _permutation_p(x, y, r, permutations, seed):
+    """Share of random pairings of x with y whose |r| reaches |r|, the observed pairing counted as one."""
+    rng = np.random.default_rng(seed)
+    shuffled = rng.permuted(np.tile(y, (permutations, 1)), axis=1)  # [P, n], each row a random pairing
+    r_null = pearson(x, shuffled)                                    # [P]
+    # The tolerance keeps permutations that reproduce r exactly (e.g. swapping tied values) counted.
+    hits = int(np.sum(np.abs(r_null) >= abs(r) - 1e-12))
+    return (hits + 1) / (permutations + 1)
+
+
+def correlation_test(x, y, method="pearson", permutations=10000, seed=0):
+    """(r, two-sided permutation p-value): the share of random pairings of x with y whose |r| reaches the
+    observed |r|, counting the observed pairing itself (so p >= 1 / (permutations + 1), never 0)."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if method not in ("pearson", "spearman"):
+        raise ValueError(f"unknown correlation method '{method}' (have pearson, spearman)")
+    if method == "spearman":  # permuting y permutes its ranks: rank once, then it is Pearson on ranks
+        x, y = rankdata(x), rankdata(y)
+    r = float(pearson(x, y))
+    if math.isnan(r):
+        return r, float("nan")
+    return r, _permutation_p(x, y, r, permutations, seed)
+
+
+def partial_correlation(x, y, z, method="pearson", permutations=10000, seed=0):
+    """(r, two-sided permutation p) of x and y controlling for z: the correlation of the residuals of x and of
+    y after a least-squares fit (with intercept) on z ([n] or [n, k]). Spearman ranks x, y and every column of
+    z first. The p-value permutes the residuals of y against those of x (as correlation_test does)."""
+    x, y, z = np.asarray(x, dtype=float), np.asarray(y, dtype=float), np.asarray(z, dtype=float)
+    z = z[:, None] if z.ndim == 1 else z
+    if not len(x) == len(y) == len(z):
+        raise ValueError(f"x, y, z must have the same length, got {len(x)}, {len(y)}, {len(z)}")
+    if method not in ("pearson", "spearman"):
+        raise ValueError(f"unknown correlation method '{method}' (have pearson, spearman)")
+    if method == "spearman":
+        x, y = rankdata(x), rankdata(y)
+        z = np.stack([rankdata(col) for col in z.T], 1)
+    design = np.column_stack([np.ones(len(z)), z])
+    rx = x - design @ np.linalg.lstsq(design, x, rcond=None)[0]
+    ry = y - design @ np.linalg.lstsq(design, y, rcond=None)[0]
+    r = float(pearson(rx, ry))
+    if math.isnan(r):
+        return r, float("nan")
+    return r, _permutation_p(rx, ry, r, permutations, seed)
+
+
+# ----------------------------------------------------------------------------- intervals
+
+def bootstrap_ci(values, n_boot=1000, seed=0, level=0.95):
+    """Percentile bootstrap interval of the mean of `values`."""
+    values = np.asarray(values, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), size=(n_boot, len(values)))].mean(1)
+    return [float(np.quantile(means, (1 - level) / 2)), float(np.quantile(means, (1 + level) / 2))]
+
+
+def wilson_interval(k, n, level=0.95):
+    """Wilson score interval [lo, hi] of a proportion k/n; unlike the normal (Wald) interval it stays inside
+    [0, 1] and is not degenerate at k = 0 or k = n (0/8 -> [0, 0.324])."""
+    if n <= 0 or not 0 <= k <= n:
+        raise ValueError(f"Wilson interval needs 0 <= k <= n and n > 0, got k={k}, n={n}")
+    z, p = _z(level), k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [max(0.0, centre - half), min(1.0, centre + half)]
+
+
+def roc_auc(scores, labels):
+    """Area under the ROC curve = P(score of a random positive > score of a random negative), ties counting
+    half (the Mann-Whitney U statistic divided by n_pos * n_neg); nan without both classes."""
+    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels).astype(bool)
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = rankdata(scores)
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def auc_ci(scores, labels, groups=None, n_boot=1000, seed=0, level=0.95):
+    """(auc, [lo, hi]): ROC AUC with a percentile bootstrap interval. With groups (one id per item, e.g. the
+    prompt a sample came from) whole groups are resampled, since items of a group are not independent;
+    resamples holding one class only are skipped. The interval is [nan, nan] when no resample has both."""
+    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels).astype(bool)
+    if len(scores) != len(labels):
+        raise ValueError(f"{len(scores)} scores but {len(labels)} labels")
+    groups = np.arange(len(scores)) if groups is None else np.asarray(groups)
+    _, group_of = np.unique(groups, return_inverse=True)
+    members = [np.flatnonzero(group_of == g) for g in range(group_of.max() + 1)] if len(scores) else []
+    rng = np.random.default_rng(seed)
+    aucs = []
+    for _ in range(n_boot):
+        idx = np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))])
+        aucs.append(roc_auc(scores[idx], labels[idx]))
+    aucs = np.array(aucs)
+    aucs = aucs[~np.isnan(aucs)]
+    if not len(aucs):
+        return roc_auc(scores, labels), [float("nan"), float("nan")]
+    return roc_auc(scores, labels), [float(np.quantile(aucs, (1 - level) / 2)),
+                                     float(np.quantile(aucs, (1 + level) / 2))]
+
+
+# ----------------------------------------------------------------------------- tests
+
+def mcnemar_exact(b, c):
+    """Two-sided exact McNemar p-value from the discordant counts of paired binary outcomes (b: yes -> no,
+    c: no -> yes): under H0 each discordant pair goes either way with probability 1/2, so
+    p = min(1, 2 * P(Binomial(b + c, 1/2) <= min(b, c))). b=1, c=9 -> 0.0215; b = c = 0 -> 1."""
+    if b < 0 or c < 0 or int(b) != b or int(c) != c:
+        raise ValueError(f"McNemar needs non-negative integer counts, got b={b}, c={c}")
+    n, k = int(b + c), int(min(b, c))
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def paired_bootstrap(before, after, n_boot=10000, seed=0, level=0.95, strata=None):
+    """Paired bootstrap of after - before. Returns {"diff", "ci", "p"}: the observed mean difference, its
+    percentile interval, and a two-sided p = min(1, 2 * (hits + 1) / (n_boot + 1)) where hits counts resampled
+    mean differences at or beyond 0 on the side opposite the observed one (so p is never 0).
+    With strata (one label per pair, e.g. the language) pairs are resampled within each stratum and the
+    statistic is the unweighted mean over strata of their mean differences (each language counts once, as in
+    the paper's average row)."""
+    before, after = np.asarray(before, dtype=np.float64), np.asarray(after, dtype=np.float64)
+    if before.shape != after.shape or before.ndim != 1 or not len(before):
+        raise ValueError(f"paired bootstrap needs two equal-length non-empty 1-D arrays, got "
+                         f"{before.shape} and {after.shape}")
+    diffs = after - before
+    strata = np.zeros(len(diffs), dtype=int) if strata is None else np.asarray(strata)
+    if len(strata) != len(diffs):
+        raise ValueError(f"{len(strata)} strata labels for {len(diffs)} pairs")
+    rng = np.random.default_rng(seed)
+    observed, boot = [], []
+    for s in np.unique(strata):
+        d = diffs[strata == s]
+        observed.append(d.mean())
+        boot.append(d[rng.integers(0, len(d), size=(n_boot, len(d)))].mean(1))  # [n_boot]
+    diff, boot = float(np.mean(observed)), np.mean(boot, 0)
+    if diff > 0:
+        hits = int(np.sum(boot <= 0))
+    elif diff < 0:
+        hits = int(np.sum(boot >= 0))
+    else:
+        hits = n_boot
+    return {"diff": diff, "ci": [float(np.quantile(boot, (1 - level) / 2)), float(np.quantile(boot, (1 + level) / 2))],
+            "p": min(1.0, 2 * (hits + 1) / (n_boot + 1))}
+
+
+# ----------------------------------------------------------------------------- agreement and printing
+
+def cohen_kappa(a, b):
+    """Cohen's kappa of two raters' labels on the same items: (p_o - p_e) / (1 - p_e), p_o the observed
+    agreement, p_e the agreement expected from each rater's label shares. nan when p_e = 1 (both raters give
+    one and the same label to every item: agreement beyond chance is undefined)."""
+    a, b = np.asarray(a), np.asarray(b)
+    if a.shape != b.shape or a.ndim != 1 or not len(a):
+        raise ValueError(f"kappa needs two equal-length non-empty label lists, got {a.shape} and {b.shape}")
+    p_o = float(np.mean(a == b))
+    p_e = sum(float(np.mean(a == v)) * float(np.mean(b == v)) for v in np.union1d(a, b))
+    return float("nan") if p_e >= 1 else (p_o - p_e) / (1 - p_e)
+
+
+def format_p(p):
+    """A p-value for tables: '< 1e-4', '0.0004', '0.003', '0.021', '0.41'; 'n/a' for nan."""
+    if p is None or math.isnan(p):
+        return "n/a"
+    if p < 1e-4:
+        return "< 1e-4"
+    if p < 1e-3:
+        return f"{p:.4f}"
+    if p < 0.1:
+        return f"{p:.3f}"
+    return f"{p:.2f}"

@@ -1,0 +1,96 @@
+"""stats.py against hand computations."""
+import math
+
+import numpy as np
+import pytest
+
+import stats
+
+
+def test_wilson_interval_hand_values():
+    # 0/8: lower bound 0, upper z^2/n / (1 + z^2/n) = 0.48015 / 1.48015
+    lo, hi = stats.wilson_interval(0, 8)
+    assert lo == 0.0 and hi == pytest.approx(0.3244, abs=1e-4)
+    # 5/10: centre 0.5, half-width z*sqrt(0.025 + z^2/400) / (1 + z^2/10) = 0.2634
+    assert stats.wilson_interval(5, 10) == pytest.approx([0.2366, 0.7634], abs=1e-4)
+    assert stats.wilson_interval(8, 8)[1] == 1.0
+    with pytest.raises(ValueError, match="0 <= k <= n"):
+        stats.wilson_interval(3, 2)
+
+
+def test_mcnemar_exact_hand_values():
+    assert stats.mcnemar_exact(1, 9) == pytest.approx(22 / 1024)  # 2 * (C(10,0) + C(10,1)) / 2^10 = 0.0215
+    assert stats.mcnemar_exact(9, 1) == stats.mcnemar_exact(1, 9)
+    assert stats.mcnemar_exact(0, 0) == 1.0
+    assert stats.mcnemar_exact(3, 3) == 1.0
+    assert stats.mcnemar_exact(0, 5) == pytest.approx(2 / 32)
+    with pytest.raises(ValueError, match="non-negative integer"):
+        stats.mcnemar_exact(-1, 2)
+
+
+def test_paired_bootstrap_constant_and_null():
+    out = stats.paired_bootstrap([0.5, 0.6, 0.7], [0.3, 0.4, 0.5], n_boot=999, seed=0)
+    assert out["diff"] == pytest.approx(-0.2) and out["ci"] == pytest.approx([-0.2, -0.2])
+    assert out["p"] == pytest.approx(2 / 1000)  # no resample reaches 0: p = 2 * (0 + 1) / (999 + 1), never 0
+    same = stats.paired_bootstrap([1, 2, 3], [1, 2, 3], n_boot=100)
+    assert same["diff"] == 0 and same["p"] == 1.0
+    # symmetric differences: the resampled means straddle 0, p is large
+    assert stats.paired_bootstrap([0, 0, 0, 0], [1, -1, 1, -1], n_boot=2000)["p"] > 0.5
+    with pytest.raises(ValueError, match="equal-length"):
+        stats.paired_bootstrap([1, 2], [1])
+
+
+def test_paired_bootstrap_strata_weight_languages_equally():
+    # stratum a: 3 pairs with difference -1; stratum b: 1 pair with difference +1 -> unweighted mean 0
+    out = stats.paired_bootstrap([1, 1, 1, 0], [0, 0, 0, 1], n_boot=200, strata=["a", "a", "a", "b"])
+    assert out["diff"] == 0 and out["ci"] == pytest.approx([0, 0]) and out["p"] == 1.0
+
+
+def test_cohen_kappa_2x2_by_hand():
+    # yes/yes 20, yes/no 5, no/yes 10, no/no 15: p_o = 35/50 = 0.7, p_e = 0.5*0.6 + 0.5*0.4 = 0.5 -> 0.4
+    a = [1] * 20 + [1] * 5 + [0] * 10 + [0] * 15
+    b = [1] * 20 + [0] * 5 + [1] * 10 + [0] * 15
+    assert stats.cohen_kappa(a, b) == pytest.approx(0.4)
+    assert stats.cohen_kappa([0, 1, 0, 1], [0, 1, 0, 1]) == 1.0
+    assert stats.cohen_kappa([0, 1], [1, 0]) == -1.0
+    assert math.isnan(stats.cohen_kappa([1, 1, 1], [1, 1, 1]))
+
+
+def test_roc_auc_and_auc_ci():
+    assert stats.roc_auc([0.9, 0.4, 0.4, 0.1], [1, 1, 0, 0]) == pytest.approx(0.875)  # the tie counts half
+    auc, ci = stats.auc_ci([0.1, 0.2, 0.8, 0.9], [0, 0, 1, 1], n_boot=200)
+    assert auc == 1.0 and ci == [1.0, 1.0]
+    scores, labels = np.array([0.9, 0.4, 0.4, 0.1, 0.7, 0.3]), np.array([1, 1, 0, 0, 0, 1])
+    auc, (lo, hi) = stats.auc_ci(scores, labels, n_boot=300, seed=1)
+    assert lo <= auc <= hi
+    # every item duplicated inside its own group: the group bootstrap draws the same resamples -> same answer
+    grouped = stats.auc_ci(np.repeat(scores, 2), np.repeat(labels, 2), groups=np.repeat(np.arange(6), 2),
+                           n_boot=300, seed=1)
+    assert grouped == (auc, [lo, hi])
+
+
+def test_partial_correlation_by_hand():
+    z = np.array([1.0, 2, 3, 4])
+    e1, e2 = np.array([1.0, -1, -1, 1]), np.array([1.0, -3, 3, -1])  # both orthogonal to 1 and z
+    # residuals of x and y on z are e1 and e1 + e2: r = (e1 . (e1 + e2)) / (|e1| |e1 + e2|) = 4 / (2 sqrt 24)
+    r, p = stats.partial_correlation(2 * z + e1, 3 * z + e1 + e2, z, permutations=2000)
+    assert r == pytest.approx(1 / math.sqrt(6)) and 0 < p <= 1
+    r, _ = stats.partial_correlation(2 * z + e1, -z + e2, z, permutations=100)
+    assert r == pytest.approx(0, abs=1e-12)
+    with pytest.raises(ValueError, match="same length"):
+        stats.partial_correlation([1, 2], [1, 2, 3], [1, 2, 3])
+
+
+def test_correlation_test_is_deterministic_and_never_zero():
+    x = np.arange(8.0)
+    r, p = stats.correlation_test(x, 2 * x, permutations=500)
+    assert r == pytest.approx(1.0) and p >= 1 / 501
+
+
+def test_format_p():
+    assert stats.format_p(3e-5) == "< 1e-4"
+    assert stats.format_p(0.0004) == "0.0004"
+    assert stats.format_p(0.003) == "0.003"
+    assert stats.format_p(0.0215) == "0.021"
+    assert stats.format_p(0.41) == "0.41"
+    assert stats.format_p(float("nan")) == "n/a"
