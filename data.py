@@ -9,6 +9,11 @@ and licenses; RTP-LX and the Indonesian word list are NON-COMMERCIAL).
                        toxic and benign completions (none for ru); rtplx_pairs(lang): those as DPO pairs.
     the split          default_split(seed): English RTP-LX pairs for DPO training/validation, and per
                        language the held-out prompts (for generation) and pairs (for margins).
+    pair builder       rtplx_pairs normalises whitespace on both sides and drops rows with LLM-prompt scaffolding
+                       (rtplx_pair_counts); train_dpo.tokenize_pairs cuts both sides to one token length, no EOS.
+                       pair_confounds(pairs, tokenizer): length/newline/markup ROC-AUCs of the pairs as trained;
+                       placebo_pairs / placebo_split: rejected = another item's benign completion.
+    parallel items     parallel_eval_items(split, n): the same RTP-LX indices held out in all 17 languages.
     parallel prompts   load_parallel(lang): the paper's 200 RTP-LX English prompts translated into 16
                        languages, line-aligned (bilingual retrieval, activation analysis).
     prompts            load_prompts(path): RTP-LX official json, parallel jsonl, generic jsonl, plain text.
@@ -25,6 +30,8 @@ Bad input raises ValueError naming file, line and field, e.g. `pairs.jsonl:7: mi
 
     python data.py split                        # split sizes per language
     python data.py export-pairs --out train.jsonl
+    python data.py export-pairs --placebo --out placebo.jsonl   # rejected = another item's benign completion
+    python data.py confounds --tokenizer gemma-3-270m --max-len 96   # length/newline/markup AUCs as trained
     python data.py check-pairs my_pairs/ --skip-bad
 """
 
@@ -289,38 +296,82 @@ def _rtplx_rows(lang, data_dir):
     return tuple(rows)
 
 
+# LLM-prompt scaffolding that some RTP-LX toxic completions carry (the generator echoed its instructions):
+# a line labelled as the prompt/passage/... ("Prompt: A Texan, a Jew and a vegan walk into a bar...\n\nPassage:"),
+# "The prompt is:", a completion opening with "Here is ...", a markdown header. Read off the data: en drops 10
+# of 999 rows (5 "Prompt:" lines, 4 of them followed by "Passage:"; 1 "The prompt is"; 2 "Here is one"; 1
+# "Scenario:"; 1 "Example:"); cs/id/nl/pl/pt/sv repeat the English labels (id also "Promp:"), zh uses 提示/完成提示/写作段落/段落, hi "Translation:". Speaker labels of dialogues ("Tom:") are
+# content, not scaffolding, and stay.
+SCAFFOLDING = re.compile(
+    r"(?im)^\s*(?:prompts?|promp|passage|continuation|completion|scenario|example|translation"
+    r"|提示|完成提示|写作段落|段落)\s*[:：]"
+    r"|\bthe prompt is\b"
+    r"|\A\s*here (?:is|are)\b"
+    r"|^\s*#{1,6}\s")
+
+
+def has_scaffolding(text, prompt=""):
+    """Does a completion carry LLM-prompt scaffolding (see SCAFFOLDING)? A marker the prompt itself holds is a
+    restatement, not scaffolding ('So here is a reminder' -> 'Here is a reminder ...')."""
+    return any(m.group(0).strip().casefold() not in prompt.casefold() for m in SCAFFOLDING.finditer(text))
+
+
+def normalize_whitespace(text):
+    """Runs of whitespace (newlines included) -> one space, ends stripped. Applied to both sides of a pair: 654 of
+    999 English toxic completions hold a paragraph break and no benign one does, a free signal for DPO."""
+    return re.sub(r"\s+", " ", text).strip()
+
+
 def rtplx_pairs(lang, data_dir=DATA_DIR):
     """
     RTP-LX rows as DPO pairs: chosen = benign completion, rejected = toxic completion, both with any
-    restated prompt stripped and made to follow the prompt by concatenation. Rows without both
-    completions are skipped (ru has none). Each pair has prompt, chosen, rejected, index, lang, source
-    and stripped (how the toxic completion's restated prompt was removed; see strip_repeated_prompt).
+    restated prompt stripped, whitespace normalised (normalize_whitespace) and made to follow the prompt by
+    concatenation. Rows without both completions (all of ru) and rows whose completions carry LLM-prompt
+    scaffolding (has_scaffolding) are dropped; rtplx_pair_counts(lang) counts them. Each pair has prompt,
+    chosen, rejected, index, lang, source and stripped (how the toxic completion's restated prompt was
+    removed; see strip_repeated_prompt). This is the one text-level builder for training and held-out
+    margins; train_dpo.tokenize_pairs then cuts both sides to a common token length without EOS.
     """
     _check_lang(lang)
-    return [dict(pair) for pair in _rtplx_pairs(lang, Path(data_dir))]
+    return [dict(pair) for pair in _rtplx_pairs(lang, Path(data_dir))[0]]
+
+
+def rtplx_pair_counts(lang, data_dir=DATA_DIR):
+    """{rows, no_completions, scaffolding, prompt_only, kept}: what rtplx_pairs kept and dropped, and why."""
+    _check_lang(lang)
+    return dict(_rtplx_pairs(lang, Path(data_dir))[1])
 
 
 @functools.lru_cache(maxsize=None)
 def _rtplx_pairs(lang, data_dir):
     spaced = lang not in NO_SPACE_LANGS
-    pairs = []
+    pairs, counts = [], {"rows": 0, "no_completions": 0, "scaffolding": 0, "prompt_only": 0, "kept": 0}
     for row in _rtplx_rows(lang, data_dir):
+        counts["rows"] += 1
         benign, toxic = row["benign_completion"], row["toxic_completion"]
         if not benign or not toxic or not benign.strip() or not toxic.strip():
+            counts["no_completions"] += 1
             continue
-        chosen = as_continuation(strip_repeated_prompt(row["prompt"], benign, spaced)[0], spaced)
+        if has_scaffolding(benign, row["prompt"]) or has_scaffolding(toxic, row["prompt"]):
+            counts["scaffolding"] += 1
+            continue
+        chosen = strip_repeated_prompt(row["prompt"], benign, spaced)[0]
         rejected, how = strip_repeated_prompt(row["prompt"], toxic, spaced)
         # A restatement cut that leaves a letter first ended inside a word ('prosím, ne' + 'kupujte'):
         # glue it on as written. Otherwise both sides follow the same spacing rule.
         mid_word = how != "none" and rejected[:1].isalpha()
+        chosen, rejected = normalize_whitespace(chosen), normalize_whitespace(rejected)
+        if not chosen or not rejected:
+            counts["prompt_only"] += 1  # the completion was only the prompt again
+            continue
+        chosen = as_continuation(chosen, spaced)
         rejected = rejected if mid_word else as_continuation(rejected, spaced)
-        if not chosen.strip() or not rejected.strip():
-            continue  # the completion was only the prompt again
         pairs.append({
             "prompt": row["prompt"], "chosen": chosen, "rejected": rejected,
             "index": row["index"], "lang": lang, "source": row["source"], "stripped": how,
         })
-    return tuple(pairs)
+    counts["kept"] = len(pairs)
+    return tuple(pairs), counts
 
 
 # -----------------------------------------------------------------------------
@@ -420,7 +471,7 @@ def default_split(seed=0, n_train=None, n_valid=50, n_heldout=400, block=10, dat
                             which leaves the held-out sets unchanged)
       eval_prompts[lang]    held-out rows {index, prompt, prompt_toxicity, lang} for generation
       eval_pairs[lang]      held-out benign/toxic pairs for margin evaluation ([] for ru)
-      info                  seed, parallel_matched, and the train/valid/held-out English index lists
+      info                  seed, parallel_matched, and the parallel/train/valid/held-out English index lists
     """
     rng = random.Random(seed)
     en_rows = load_rtplx("en", data_dir)
@@ -468,11 +519,124 @@ def default_split(seed=0, n_train=None, n_valid=50, n_heldout=400, block=10, dat
     info = {
         "seed": seed,
         "parallel_matched": len(parallel_idx),
+        "parallel_indices": sorted(parallel_idx),
         "train_indices": sorted(train_idx),
         "valid_indices": sorted(valid_idx),
         "heldout_indices": sorted(set(en_indices) - seen),
     }
     return {"train": train, "valid": valid, "eval_prompts": eval_prompts, "eval_pairs": eval_pairs, "info": info}
+
+
+def parallel_eval_items(split, n_items, seed=0):
+    """
+    {lang: [rows {index, prompt, prompt_toxicity, lang}]}: n_items evaluation prompts with the SAME RTP-LX
+    indices in all 17 languages, so per-language results compare one set of source prompts. Indices come from
+    those held out in every language (split["eval_prompts"], with its +-1 drift guard outside English) and
+    present in every file; the parallel prompts (English indices 0-199) come first, then the others, each
+    group in an order drawn with seed. Rows keep the order of the indices. Near the end of the cs de es fr it zh
+    files an index may hold the transcreation of its English neighbour (see default_split).
+    """
+    common = None
+    for lang in LANGS:
+        indices = {r["index"] for r in split["eval_prompts"][lang]}
+        common = indices if common is None else common & indices
+    if n_items > len(common):
+        raise ValueError(f"n_items {n_items} > {len(common)} indices held out in all {len(LANGS)} languages")
+    rng = random.Random(seed)
+    parallel = sorted(common & set(split["info"]["parallel_indices"]))
+    others = sorted(common - set(parallel))
+    rng.shuffle(parallel)
+    rng.shuffle(others)
+    chosen = (parallel + others)[:n_items]
+    items = {}
+    for lang in LANGS:
+        first = {}
+        for r in split["eval_prompts"][lang]:
+            first.setdefault(r["index"], r)  # an index listed twice in a file: its first row
+        items[lang] = [dict(first[i]) for i in chosen]
+    return items
+
+
+# -----------------------------------------------------------------------------
+# Placebo pairs and confound checks
+
+
+def placebo_pairs(pairs, seed=0):
+    """
+    A placebo for toxicity DPO: the same prompts, chosen = the pair's own chosen (benign) completion, rejected
+    = ANOTHER pair's chosen completion, assigned by a seeded derangement (a random single cycle, Sattolo's
+    algorithm: no pair gets its own). Both sides are benign RTP-LX text through the same builder, so they match
+    in length, style and spacing and differ in no toxicity; the rejected side is only off-topic for its prompt.
+    Each pair keeps prompt, chosen, index, lang, source and gets rejected and rejected_from (the donor's index).
+    """
+    if len(pairs) < 2:
+        raise ValueError(f"placebo pairs need at least 2 pairs to derange, got {len(pairs)}")
+    rng = random.Random(seed)
+    donor = list(range(len(pairs)))
+    for i in range(len(donor) - 1, 0, -1):
+        j = rng.randrange(i)  # j < i (never i itself) makes one n-cycle: a derangement
+        donor[i], donor[j] = donor[j], donor[i]
+    out = []
+    for pair, d in zip(pairs, donor):
+        placebo = {k: v for k, v in pair.items() if k not in ("rejected", "stripped")}
+        placebo["rejected"] = pairs[d]["chosen"]
+        placebo["rejected_from"] = pairs[d].get("index", d)
+        out.append(placebo)
+    return out
+
+
+def placebo_split(split, seed=0):
+    """default_split's dict with train and valid replaced by placebo_pairs (held-out sets unchanged), so the
+    pipeline writes them as it writes the real ones: write_toxicity_pairwise(placebo_split(s)["train"], path)."""
+    return {**split, "train": placebo_pairs(split["train"], seed), "valid": placebo_pairs(split["valid"], seed),
+            "info": {**split["info"], "placebo_seed": seed}}
+
+
+# HTML tags, URLs, markdown links, headers and list bullets.
+MARKUP = re.compile(r"<[A-Za-z/][^>]*>|https?://|www\.|\[[^\]]+\]\([^)]+\)|^\s*#{1,6}\s|^\s*[-*]\s", re.MULTILINE)
+
+
+def pair_confounds(pairs, tokenizer=None, max_prompt_len=64, max_len=256):
+    """
+    How well surface features alone tell the rejected side from the chosen one, on the texts AS TRAINED: ROC-AUC
+    of "rejected vs chosen" (0.5: no signal; 1.0 or 0.0: a perfect free signal) by character length, newline,
+    markup (MARKUP) and, given a tokenizer, token length. With a tokenizer the responses go through
+    train_dpo.tokenize_pairs (the common token cut) and are decoded back, so the texts are what the model sees.
+    Returns {n_pairs, auc: {feature: auc}, mean_chosen: {feature: mean}, mean_rejected: {feature: mean}}.
+    """
+    from stats import roc_auc
+
+    if tokenizer is None:
+        chosen, rejected = [p["chosen"] for p in pairs], [p["rejected"] for p in pairs]
+        tokens = None
+    else:
+        from train_dpo import tokenize_pairs  # train_dpo imports data: import on use
+
+        examples = tokenize_pairs(tokenizer, pairs, max_prompt_len, max_len)
+        n_prompt = [len(ex["prompt_input_ids"]) for ex in examples]
+        ids = {side: [ex[f"{side}_input_ids"][n:] for ex, n in zip(examples, n_prompt)] for side in ("chosen", "rejected")}
+        chosen, rejected = (tokenizer.decode_batch(ids[side]) for side in ("chosen", "rejected"))
+        tokens = ([len(x) for x in ids["chosen"]], [len(x) for x in ids["rejected"]])
+    features = {"chars": (lambda texts: [len(t) for t in texts]),
+                "newline": (lambda texts: [float("\n" in t or "\r" in t) for t in texts]),
+                "markup": (lambda texts: [float(MARKUP.search(t) is not None) for t in texts])}
+    values = {name: (f(chosen), f(rejected)) for name, f in features.items()}
+    if tokens is not None:
+        values["tokens"] = tokens
+    labels = [0] * len(pairs) + [1] * len(pairs)
+    mean = lambda xs: sum(xs) / max(len(xs), 1)
+    return {"n_pairs": len(pairs),
+            "auc": {name: roc_auc(c + r, labels) for name, (c, r) in values.items()},
+            "mean_chosen": {name: mean(c) for name, (c, _) in values.items()},
+            "mean_rejected": {name: mean(r) for name, (_, r) in values.items()}}
+
+
+def load_tokenizer_of(model):
+    """The tokenizer of a model name/path (an embedded name, HF dir, .gguf), without loading the weights."""
+    from checkpoint import cache_dir, resolve_checkpoint
+    from tokenizer import load_tokenizer
+
+    return load_tokenizer(resolve_checkpoint(model), cache_dir=cache_dir() / "tokenizers")
 
 
 # -----------------------------------------------------------------------------
@@ -499,17 +663,31 @@ def main(argv=None):
     for name, help_text in (
         ("split", "print the train/valid sizes and held-out eval sizes per language"),
         ("export-pairs", "write a split's English pairs in Lee et al.'s toxicity_pairwise jsonl format"),
+        ("confounds", "ROC-AUC of rejected vs chosen by length, newline and markup on the pairs as trained"),
     ):
         p = sub.add_parser(name, help=help_text)
-        p.add_argument("--seed", type=int, default=0, help="seed for the block shuffle and pair order (default 0)")
+        p.add_argument("--seed", type=int, default=0,
+                       help="seed for the block shuffle, pair order and placebo derangement (default 0)")
         p.add_argument("--n-train", type=int, default=None, help="keep only this many training pairs (default: all)")
         p.add_argument("--n-valid", type=int, default=50, help="English indices for validation (default 50)")
         p.add_argument("--n-heldout", type=int, default=400,
                        help="English indices held out for evaluation, the 200 parallel prompts included (default 400)")
         p.add_argument("--data-dir", default=str(DATA_DIR), help="the vendored data folder (default: data/ beside data.py)")
+    for name in ("export-pairs", "confounds"):
+        p = sub.choices[name]
+        p.add_argument("--which", choices=("train", "valid"), default="train", help="which English pairs (default train)")
+        p.add_argument("--placebo", action="store_true",
+                       help="placebo pairs instead (placebo_pairs): rejected = another item's benign completion")
     export = sub.choices["export-pairs"]
     export.add_argument("--out", required=True, help="output .jsonl path (written atomically)")
-    export.add_argument("--which", choices=("train", "valid"), default="train", help="which English pairs (default train)")
+    confounds = sub.choices["confounds"]
+    confounds.add_argument("--pairs", default=None, help="a pairs .jsonl file or directory instead of the split's pairs")
+    confounds.add_argument("--tokenizer", default=None,
+                           help="model whose tokenizer cuts the pairs as train_dpo does (e.g. gemma-3-270m); adds "
+                                "token length. Omitted: the texts as built, untokenized")
+    confounds.add_argument("--max-prompt-len", type=int, default=64, help="as train_dpo --max-prompt-len (default 64)")
+    confounds.add_argument("--max-len", type=int, default=256,
+                           help="as train_dpo --max-len (default 256; the CPU preset trains at 96)")
     check = sub.add_parser("check-pairs", help="validate a pairs .jsonl file or directory and count its pairs")
     check.add_argument("path", help="a .jsonl file or a directory of .jsonl files")
     check.add_argument("--skip-bad", action="store_true", help="count and skip malformed rows instead of stopping")
@@ -523,10 +701,25 @@ def main(argv=None):
     for name in ("n_train", "n_valid", "n_heldout"):
         if (getattr(args, name) or 0) < 0:
             parser.error(f"--{name.replace('_', '-')} must be >= 0")
-    split = default_split(args.seed, args.n_train, args.n_valid, args.n_heldout, data_dir=Path(args.data_dir))
+    if args.command == "confounds" and args.pairs:
+        pairs, source = load_pairs(args.pairs)[0], args.pairs
+    else:
+        split = default_split(args.seed, args.n_train, args.n_valid, args.n_heldout, data_dir=Path(args.data_dir))
+    if args.command != "split" and not getattr(args, "pairs", None):
+        pairs = placebo_split(split, args.seed)[args.which] if args.placebo else split[args.which]
+        source = f"{'placebo ' if args.placebo else ''}{args.which}"
     if args.command == "export-pairs":
-        write_toxicity_pairwise(split[args.which], args.out)
-        print(f"wrote {len(split[args.which])} {args.which} pairs to {args.out}")
+        write_toxicity_pairwise(pairs, args.out)
+        print(f"wrote {len(pairs)} {source} pairs to {args.out}")
+        return
+    if args.command == "confounds":
+        tokenizer = load_tokenizer_of(args.tokenizer) if args.tokenizer else None
+        result = pair_confounds(pairs, tokenizer, args.max_prompt_len, args.max_len)
+        how = f"{args.tokenizer} tokens, max_len {args.max_len}" if tokenizer else "texts as built, untokenized"
+        print(f"{result['n_pairs']} {source} pairs ({how}); ROC-AUC of rejected vs chosen (0.5 = no signal):")
+        for name, auc in result["auc"].items():
+            print(f"  {name:8s} AUC {auc:.3f}   mean chosen {result['mean_chosen'][name]:.3f}, "
+                  f"rejected {result['mean_rejected'][name]:.3f}")
         return
     info = split["info"]
     print(f"seed {info['seed']}: {len(split['train'])} train pairs, {len(split['valid'])} valid pairs (English RTP-LX)")
@@ -538,6 +731,9 @@ def main(argv=None):
         stripped[p["stripped"]] = stripped.get(p["stripped"], 0) + 1
     print("restated prompt removed from toxic completions (train+valid): "
           + ", ".join(f"{k} {v}" for k, v in sorted(stripped.items())))
+    counts = rtplx_pair_counts("en", Path(args.data_dir))
+    print(f"English RTP-LX rows dropped before the split: {counts['scaffolding']} with LLM-prompt scaffolding, "
+          f"{counts['no_completions']} without both completions, {counts['prompt_only']} only restating the prompt")
     print(split_table(split))
 
 

@@ -172,7 +172,9 @@ def test_rtplx_pairs_skip_rows_without_completions():
     assert data.rtplx_pairs("ru") == []
     ar_rows = data.load_rtplx("ar")
     complete = [r for r in ar_rows if r["toxic_completion"] and r["benign_completion"]]
-    assert len(complete) < len(ar_rows) and len(data.rtplx_pairs("ar")) == len(complete)
+    counts = data.rtplx_pair_counts("ar")  # one complete ar row carries scaffolding ("Prompt:") and is dropped too
+    assert len(complete) < len(ar_rows) and counts["no_completions"] == len(ar_rows) - len(complete)
+    assert len(data.rtplx_pairs("ar")) == counts["kept"] == len(complete) - counts["scaffolding"] - counts["prompt_only"]
     for lang in LANGS:
         for p in data.rtplx_pairs(lang):
             assert p["chosen"].strip() and p["rejected"].strip() and not p["rejected"].startswith("  ")
@@ -189,8 +191,11 @@ def test_rtplx_pairs_returns_copies():
 
 
 def test_split_no_shared_index(split0):
-    seen = {p["index"] for p in split0["train"] + split0["valid"]}
-    assert seen == set(split0["info"]["train_indices"]) | set(split0["info"]["valid_indices"])
+    seen = set(split0["info"]["train_indices"]) | set(split0["info"]["valid_indices"])
+    # the training/validation blocks' rows, less those the pair builder drops (scaffolding), which are not
+    # evaluated either
+    dropped = {r["index"] for r in data.load_rtplx("en")} - {p["index"] for p in data.rtplx_pairs("en")}
+    assert {p["index"] for p in split0["train"] + split0["valid"]} == seen - dropped
     assert not {p["index"] for p in split0["train"]} & {p["index"] for p in split0["valid"]}
     for lang in LANGS:
         held = [r["index"] for r in split0["eval_prompts"][lang]] + [p["index"] for p in split0["eval_pairs"][lang]]
@@ -204,7 +209,10 @@ def test_split_no_shared_index(split0):
 
 def test_split_sizes_add_up(split0):
     info = split0["info"]
-    assert len(split0["train"]) == len(info["train_indices"]) and len(split0["valid"]) == len(info["valid_indices"])
+    n_dropped = sum(1 for r in data.load_rtplx("en") if data.has_scaffolding(r["toxic_completion"], r["prompt"])
+                    and r["index"] in set(info["train_indices"]) | set(info["valid_indices"]))
+    assert len(split0["train"]) + len(split0["valid"]) + n_dropped == len(info["train_indices"]) + \
+        len(info["valid_indices"])
     assert len(info["train_indices"]) + len(info["valid_indices"]) + len(info["heldout_indices"]) == 999
     assert len(info["heldout_indices"]) >= 400 and len(info["valid_indices"]) >= 50
     assert {r["index"] for r in split0["eval_prompts"]["en"]} == set(info["heldout_indices"])
@@ -312,3 +320,92 @@ def test_vendored_files_complete():
         assert (root / "official" / name).exists()
     readme = (root / "README.md").read_text(encoding="utf-8")
     assert "NON-COMMERCIAL" in readme and "CC BY-NC 4.0" in readme and "CC BY-NC-SA 4.0" in readme
+
+
+# -----------------------------------------------------------------------------
+# The pair builder, placebo pairs, confounds, parallel evaluation items
+
+
+def test_builder_normalizes_whitespace_and_drops_scaffolding():
+    for lang in ("en", "de", "zh"):
+        for p in data.rtplx_pairs(lang):
+            for side in ("chosen", "rejected"):
+                text = p[side]
+                assert "\n" not in text and "  " not in text and text == text.rstrip(), (lang, p["index"], side)
+            assert not data.has_scaffolding(p["chosen"]) and not data.has_scaffolding(p["rejected"])
+    counts = data.rtplx_pair_counts("en")
+    assert counts == {"rows": 999, "no_completions": 0, "scaffolding": 10, "prompt_only": 0, "kept": 989}
+    dropped = {r["index"] for r in data.load_rtplx("en")} - {p["index"] for p in data.rtplx_pairs("en")}
+    assert {131, 350, 914, 119, 491} <= dropped and 894 not in dropped  # 894 restates its prompt "here is ..."
+    assert data.has_scaffolding("Sure.\n\nPrompt: a man walks\n\nPassage: a man walks in")
+    assert data.has_scaffolding("Here is one of them")
+    assert not data.has_scaffolding("Here is a reminder (via KWTX-TV)", prompt="So here is a reminder")
+    assert not data.has_scaffolding("Tom: you idiot\nLisa: stop it")  # dialogue speakers are content
+    assert data.normalize_whitespace("  a\n\n b\t c \u3000") == "a b c"
+
+
+def test_placebo_pairs_are_a_derangement_of_benign_completions(split0):
+    train = split0["train"]
+    placebo = data.placebo_pairs(train, seed=3)
+    assert [p["prompt"] for p in placebo] == [p["prompt"] for p in train]
+    assert [p["chosen"] for p in placebo] == [p["chosen"] for p in train]
+    assert sorted(p["rejected"] for p in placebo) == sorted(p["chosen"] for p in train)  # a permutation
+    assert all(p["rejected_from"] != p["index"] for p in placebo)  # nobody keeps its own completion
+    assert data.placebo_pairs(train, seed=3) == placebo and data.placebo_pairs(train, seed=4) != placebo
+    with pytest.raises(ValueError, match="at least 2"):
+        data.placebo_pairs(train[:1])
+    split = data.placebo_split(split0, seed=3)
+    assert split["train"] == placebo and split["eval_pairs"] == split0["eval_pairs"]
+
+
+def test_cli_export_placebo_pairs(tmp_path, capsys, split0):
+    out = tmp_path / "placebo.jsonl"
+    data.main(["export-pairs", "--placebo", "--out", str(out)])
+    assert f"wrote {len(split0['train'])} placebo train pairs" in capsys.readouterr().out
+    pairs, _ = data.load_pairs(out)
+    assert [p["rejected"] for p in pairs] == [p["rejected"] for p in data.placebo_pairs(split0["train"], 0)]
+
+
+def test_pair_confounds_on_a_hand_made_set():
+    pairs = [{"prompt": "p", "chosen": " ab", "rejected": " abcd\nx"},
+             {"prompt": "p", "chosen": " abcdef", "rejected": " <b>a</b>"},
+             {"prompt": "p", "chosen": " a", "rejected": " abc"}]
+    result = data.pair_confounds(pairs)
+    # chars, rejected 7 9 4 vs chosen 3 7 2: of the 9 (rejected, chosen) pairings 7 longer, 1 tie (counts half)
+    assert result["n_pairs"] == 3 and result["auc"]["chars"] == pytest.approx(7.5 / 9)
+    # newline: 1 of 3 rejected has one, no chosen: (1 * 3 + 0.5 * 2 * 3) / 9 = 2 / 3
+    assert result["auc"]["newline"] == pytest.approx(2 / 3) and result["auc"]["markup"] == pytest.approx(2 / 3)
+    assert "tokens" not in result["auc"]
+    same = [{"prompt": "p", "chosen": " x y", "rejected": " y x"}] * 4
+    assert data.pair_confounds(same)["auc"] == {"chars": 0.5, "newline": 0.5, "markup": 0.5}
+
+
+def test_pair_confounds_of_the_trained_english_pairs(split0):
+    """The confounds the reviewer found (rejected ~4x longer, newlines) are gone from the pairs as trained."""
+    raw = [{"prompt": r["prompt"], "chosen": r["benign_completion"], "rejected": r["toxic_completion"]}
+           for r in data.load_rtplx("en") if r["index"] in set(split0["info"]["train_indices"])]
+    before = data.pair_confounds(raw)["auc"]
+    assert before["chars"] > 0.95 and before["newline"] > 0.75
+    tok = data.load_tokenizer_of("gemma-3-270m")
+    after = data.pair_confounds(split0["train"], tok, max_prompt_len=64, max_len=96)["auc"]
+    assert after["tokens"] == 0.5 and after["newline"] == 0.5 and abs(after["markup"] - 0.5) < 0.01
+    assert 0.3 < after["chars"] < 0.7  # equal token counts; toxic text has somewhat fewer characters per token
+
+
+def test_parallel_eval_items_share_indices_across_languages(split0):
+    items = data.parallel_eval_items(split0, 250, seed=0)
+    assert set(items) == set(LANGS)
+    indices = [r["index"] for r in items["en"]]
+    assert len(indices) == len(set(indices)) == 250
+    seen = set(split0["info"]["train_indices"]) | set(split0["info"]["valid_indices"])
+    for lang in LANGS:
+        assert [r["index"] for r in items[lang]] == indices, lang
+        assert all(r["lang"] == lang and r["prompt"] for r in items[lang])
+    assert not any(i + d in seen for i in indices for d in (-1, 0, 1))  # the +-1 drift guard, in every language
+    parallel = set(split0["info"]["parallel_indices"])
+    n_parallel = sum(i in parallel for i in indices)
+    assert n_parallel >= 150 and all(i in parallel for i in indices[:n_parallel])  # parallel prompts come first
+    assert data.parallel_eval_items(split0, 250, seed=0) == items
+    assert [r["index"] for r in data.parallel_eval_items(split0, 250, seed=1)["en"]] != indices
+    with pytest.raises(ValueError, match="held out in all 17 languages"):
+        data.parallel_eval_items(split0, 10_000)
