@@ -58,6 +58,7 @@ class TrainConfig:
     model: str = DEFAULT_MODEL
     data: str | None = None        # None: English RTP-LX pairs from data.default_split()
     out: str | None = None         # None: runs/dpo-<date>
+    valid_data: str | None = None  # None: a valid_frac share of --data
     valid_frac: float = 0.05
     skip_bad: bool = False
     max_prompt_len: int = 64
@@ -109,10 +110,13 @@ HELP = {
             "(prompt, chosen, rejected). Omitted: the English RTP-LX pairs of data.default_split() "
             "(benign completion = chosen, toxic = rejected) and its validation pairs",
     "out": "run directory (default runs/dpo-<date>)",
-    "valid_frac": "with --data, the fraction of pairs held out (fixed seed) for validation/early stopping",
+    "valid_data": "with --data, validation pairs from this file instead of a share of --data (same formats)",
+    "valid_frac": "with --data and no --valid-data, the fraction of pairs held out (fixed seed) for "
+                  "validation/early stopping",
     "skip_bad": "skip and count malformed pairs instead of stopping at the first (file:line:field error)",
     "max_prompt_len": "prompt tokens kept, from the END of the prompt (the BOS token is kept in front)",
-    "max_len": "prompt + response tokens; longer responses are cut",
+    "max_len": "prompt + response tokens. Chosen and rejected are cut to one common length, min(their token "
+               "lengths, max_len - prompt tokens), and get no EOS, so length and EOS carry no preference signal",
     "beta": "DPO temperature: strength of the implicit KL penalty to the reference model",
     "label_smoothing": "cDPO: assumed probability that a pair's preference label is wrong (0 = DPO)",
     "loss_type": "sigmoid = DPO (Rafailov et al. eq. 7); ipo = IPO (Azar et al.) on per-token log-ratios",
@@ -145,7 +149,8 @@ HELP = {
     "lora_dropout": "dropout on the input of each LoRA update",
     "lora_targets": f"comma-separated linear layers of each block to adapt, from {','.join(lora.TARGETS)} "
                     "(default: all, as the paper)",
-    "seed": "seed of the data order (the validation split of --data uses a fixed seed of its own)",
+    "seed": "seed of the training-pair order of every epoch, the LoRA initialisation and dropout (the validation "
+            "split of --data and the RTP-LX split use fixed seeds of their own)",
     "device": "cpu, cuda, cuda:N or mps (torchrun: cuda means cuda:LOCAL_RANK)",
     "dtype": "autocast compute dtype (trained weights stay fp32; with LoRA the frozen base is stored in this "
              "dtype): fp32, bf16, or fp16 (with a gradient scaler). Use fp32 on CPU: bf16 matmuls are far slower "
@@ -227,6 +232,8 @@ def check_config(cfg):
          f"--max-len ({cfg.max_len}) must exceed --max-prompt-len ({cfg.max_prompt_len}) to leave room for a response")
     need(cfg.batch_size >= 1 and cfg.grad_accum >= 1, "--batch-size and --grad-accum must be >= 1")
     need(0 < cfg.valid_frac < 1, f"--valid-frac must be in (0, 1), got {cfg.valid_frac}")
+    need(cfg.valid_data is None or cfg.data is not None, "--valid-data needs --data (without --data the split's "
+         "own validation pairs are used)")
     need(0 <= cfg.label_smoothing < 0.5, f"--label-smoothing must be in [0, 0.5), got {cfg.label_smoothing}")
     need(cfg.beta > 0, f"--beta must be > 0, got {cfg.beta}")
     need(cfg.max_steps is None or cfg.max_steps >= 1, "--max-steps must be >= 1")
@@ -242,38 +249,43 @@ def check_config(cfg):
 # Data: tokenized pairs in DPO-reference layout, right-padded concatenated batches
 
 
-def _build_example(prompt_ids, chosen_ids, rejected_ids, bos_id, eos_id, max_prompt_len, max_len):
+def _build_example(prompt_ids, chosen_ids, rejected_ids, bos_id, max_prompt_len, max_len):
     if len(prompt_ids) > max_prompt_len:
         # Keep the end of the prompt: it is what the response continues. Keep the BOS the model expects first.
         has_bos = bos_id is not None and prompt_ids[0] == bos_id
         prompt_ids = prompt_ids[:1] + prompt_ids[len(prompt_ids) - max_prompt_len + 1:] if has_bos \
             else prompt_ids[-max_prompt_len:]
+    # Both responses are cut to ONE length and neither gets EOS. RTP-LX toxic completions are ~4x longer than
+    # benign ones, so with EOS appended before a cut only the short (chosen) side kept its EOS and the pairs
+    # were separable by length and by EOS alone (validation reward accuracy 1.0 at the first evaluation).
+    n = min(len(chosen_ids), len(rejected_ids), max_len - len(prompt_ids))
     example = {"prompt_input_ids": prompt_ids}
     for name, ids in (("chosen", chosen_ids), ("rejected", rejected_ids)):
-        response = (ids + [eos_id])[:max_len - len(prompt_ids)]  # a cut response loses its EOS, as it should
-        example[f"{name}_input_ids"] = prompt_ids + response
-        example[f"{name}_labels"] = [-100] * len(prompt_ids) + response  # loss only on response tokens
+        example[f"{name}_input_ids"] = prompt_ids + ids[:n]
+        example[f"{name}_labels"] = [-100] * len(prompt_ids) + ids[:n]  # loss only on response tokens
     return example
 
 
 def tokenize_pair(tokenizer, prompt, chosen, rejected, max_prompt_len=64, max_len=256):
     """One pair -> {prompt_input_ids, chosen_input_ids, chosen_labels, rejected_input_ids, rejected_labels}
     (lists of ints). The prompt is encoded with the tokenizer's BOS (if it adds one) and each response
-    without, plus EOS; labels are -100 on the prompt. Encoding them separately keeps the prompt/response
-    boundary exact (a joint encoding could merge tokens across it)."""
+    without; the prompt keeps its last max_prompt_len tokens, and both responses are cut to the same number of
+    tokens, min(len(chosen), len(rejected), max_len - prompt tokens), with no EOS; labels are -100 on the
+    prompt. Encoding them separately keeps the prompt/response boundary exact (a joint encoding could merge
+    tokens across it)."""
     return _build_example(tokenizer.encode(prompt, add_special=True), tokenizer.encode(chosen, add_special=False),
                           tokenizer.encode(rejected, add_special=False), tokenizer.bos_id if tokenizer.add_bos
-                          else None, tokenizer.eos_id, max_prompt_len, max_len)
+                          else None, max_prompt_len, max_len)
 
 
 def tokenize_pairs(tokenizer, pairs, max_prompt_len=64, max_len=256):
-    """tokenize_pair over a list of {prompt, chosen, rejected} dicts, with the batched (multi-core) encoder."""
+    """tokenize_pair over a list of {prompt, chosen, rejected} dicts, with the batched (multi-core) encoder. The
+    one token-level pair builder: training, its reference pass, evaluate.py margins and data.pair_confounds."""
     prompts = tokenizer.encode_batch([p["prompt"] for p in pairs], add_special=True)
     chosen = tokenizer.encode_batch([p["chosen"] for p in pairs], add_special=False)
     rejected = tokenizer.encode_batch([p["rejected"] for p in pairs], add_special=False)
     bos = tokenizer.bos_id if tokenizer.add_bos else None
-    return [_build_example(p, c, r, bos, tokenizer.eos_id, max_prompt_len, max_len)
-            for p, c, r in zip(prompts, chosen, rejected)]
+    return [_build_example(p, c, r, bos, max_prompt_len, max_len) for p, c, r in zip(prompts, chosen, rejected)]
 
 
 def collate(examples, pad_id):
@@ -305,6 +317,12 @@ def load_splits(cfg):
         split = data.default_split()
         return split["train"], split["valid"], 0
     pairs, n_skipped = data.load_pairs(cfg.data, skip_bad=cfg.skip_bad)
+    if cfg.valid_data is not None:
+        valid, n_skipped_valid = data.load_pairs(cfg.valid_data, skip_bad=cfg.skip_bad)
+        if not pairs or not valid:
+            empty = cfg.data if not pairs else cfg.valid_data
+            raise ValueError(f"{empty}: no usable pairs")
+        return pairs, valid, n_skipped + n_skipped_valid
     if len(pairs) < 2:
         raise ValueError(f"{cfg.data}: {len(pairs)} usable pair(s); need at least 2 (train + validation)")
     order = list(range(len(pairs)))

@@ -101,7 +101,7 @@ def test_batch_logps_with_head_on_responses_equals_full_logits(family, freeze_he
     vocab = model.config.vocab_size
     torch.manual_seed(0)
     examples = [train_dpo._build_example(torch.randint(3, vocab, (p,)).tolist(), torch.randint(3, vocab, (c,)).tolist(),
-                                         torch.randint(3, vocab, (r,)).tolist(), None, 2, 8, 20)
+                                         torch.randint(3, vocab, (r,)).tolist(), None, 8, 20)
                 for p, c, r in [(3, 5, 9), (8, 2, 4), (12, 15, 1)]]
     batch = collate(examples, pad_id=0)  # [6, T], right-padded, with truncated and padded rows
     # chunk_size 4: several chunks, the last one partial
@@ -142,11 +142,12 @@ def test_response_log_probs_gradcheck():
 
 def test_compute_logps_splits_chosen_and_rejected():
     model = tiny_random_model()
-    examples = [train_dpo._build_example([1, 5, 6], [7, 8], [9, 10, 11], 1, 2, 8, 20) for _ in range(3)]
+    examples = [train_dpo._build_example([1, 5, 6], [7, 8], [9, 10, 11, 12], 1, 8, 20) for _ in range(3)]
     batches = [collate(examples[:2], 0), collate(examples[2:], 0)]
     out = compute_logps(model, batches, "cpu")
     assert out["chosen_logps"].shape == out["rejected_logps"].shape == (3,)
-    assert out["chosen_tokens"].tolist() == [3, 3, 3] and out["rejected_tokens"].tolist() == [4, 4, 4]
+    # both responses cut to the shorter one's 2 tokens
+    assert out["chosen_tokens"].tolist() == [2, 2, 2] and out["rejected_tokens"].tolist() == [2, 2, 2]
     lp, _ = batch_logps(model, **{k: v for k, v in batches[0].items()})
     torch.testing.assert_close(out["chosen_logps"][:2], lp[:2].detach())
     torch.testing.assert_close(out["rejected_logps"][:2], lp[2:].detach())
@@ -167,23 +168,45 @@ def test_truncation_rules():
     ex = tokenize_pair(tok, prompt, "50 51 52", "60 61 62 63 64 65 66 67 68 69", max_prompt_len=4, max_len=9)
     # prompt: BOS kept, then the LAST max_prompt_len - 1 words (the response continues the end of the prompt)
     assert ex["prompt_input_ids"] == [1, 107, 108, 109]
-    assert ex["chosen_input_ids"] == [1, 107, 108, 109, 150, 151, 152, 2]  # fits: EOS appended
-    assert ex["chosen_labels"] == [-100] * 4 + [150, 151, 152, 2]  # loss only on the response
-    assert ex["rejected_input_ids"] == [1, 107, 108, 109, 160, 161, 162, 163, 164]  # cut to max_len, no EOS
-    assert ex["rejected_labels"] == [-100] * 4 + [160, 161, 162, 163, 164]
-    short = tokenize_pair(tok, "3 4", "5", "6", max_prompt_len=4, max_len=9)
-    assert short["chosen_input_ids"] == [1, 103, 104, 105, 2] and short["chosen_labels"][:3] == [-100] * 3
+    # both responses cut to the shorter one's 3 tokens; no EOS on either side
+    assert ex["chosen_input_ids"] == [1, 107, 108, 109, 150, 151, 152]
+    assert ex["chosen_labels"] == [-100] * 4 + [150, 151, 152]  # loss only on the response
+    assert ex["rejected_input_ids"] == [1, 107, 108, 109, 160, 161, 162]
+    assert ex["rejected_labels"] == [-100] * 4 + [160, 161, 162]
+    # the budget max_len - prompt tokens (9 - 4 = 5) cuts both when both are longer
+    long = tokenize_pair(tok, prompt, "50 51 52 53 54 55 56", "60 61 62 63 64 65 66 67", max_prompt_len=4, max_len=9)
+    assert long["chosen_labels"][4:] == [150, 151, 152, 153, 154] and long["rejected_labels"][4:] == [160, 161, 162,
+                                                                                                      163, 164]
+    short = tokenize_pair(tok, "3 4", "5", "6 7", max_prompt_len=4, max_len=9)
+    assert short["chosen_input_ids"] == [1, 103, 104, 105] and short["rejected_input_ids"] == [1, 103, 104, 106]
+    assert short["chosen_labels"][:3] == [-100] * 3
     tok.add_bos = False  # without BOS, left truncation keeps exactly the last max_prompt_len tokens
     assert tokenize_pair(tok, prompt, "5", "6", max_prompt_len=4, max_len=9)["prompt_input_ids"] == [106, 107, 108, 109]
+
+
+def test_builder_gives_equal_lengths_and_no_eos_on_real_pairs():
+    """On the real English training pairs with the default model's tokenizer: every pair's two responses have the
+    same token count and neither ends in (or holds) EOS, at the CPU preset's max_len and the paper's."""
+    import data
+    tok = data.load_tokenizer_of(train_dpo.DEFAULT_MODEL)
+    pairs = data.default_split()["train"]
+    for max_len in (96, 256):
+        for ex in train_dpo.tokenize_pairs(tok, pairs, 64, max_len):
+            n = len(ex["prompt_input_ids"])
+            chosen, rejected = ex["chosen_input_ids"][n:], ex["rejected_input_ids"][n:]
+            assert len(chosen) == len(rejected) >= 1 and len(ex["chosen_input_ids"]) <= max_len
+            assert tok.eos_id not in chosen and tok.eos_id not in rejected
 
 
 def test_real_tokenizer_encodes_prompt_with_bos_and_responses_without():
     from tokenizer import Tokenizer
     tok = Tokenizer.from_dir(TINY_MODEL)
-    ex = tokenize_pair(tok, "Hello there", " general", " kenobi", max_prompt_len=64, max_len=256)
+    ex = tokenize_pair(tok, "Hello there", " general", " general kenobi", max_prompt_len=64, max_len=256)
     assert ex["prompt_input_ids"] == tok.encode("Hello there")
-    response = tok.encode(" general", add_special=False) + [tok.eos_id]
+    response = tok.encode(" general", add_special=False)  # no EOS; the longer rejected side is cut to this length
     assert ex["chosen_input_ids"] == tok.encode("Hello there") + response
+    assert ex["rejected_input_ids"] == tok.encode("Hello there") + tok.encode(" general kenobi", add_special=False)[
+        :len(response)]
     assert ex["chosen_input_ids"].count(tok.bos_id) == (1 if tok.add_bos else 0)
 
 
@@ -272,6 +295,30 @@ def test_training_lowers_loss_and_raises_reward_accuracy(tmp_path):
     state = torch.load(out / "last" / "state.pt", weights_only=True)
     assert state["step"] == 12 and state["best_step"] == best["step"]
     assert (out / "ref_logps.pt").exists() and json.loads((out / "config.json").read_text())["lr"] == 1e-3
+
+
+def test_valid_data_file_is_the_validation_set(tmp_path):
+    pairs = [json.loads(line) for line in write_pairs(tmp_path / "pairs.jsonl").read_text().splitlines()]
+    valid = tmp_path / "valid.jsonl"
+    valid.write_text("".join(json.dumps(p) + "\n" for p in pairs[:3]))
+    cfg = train_dpo.TrainConfig(data=str(tmp_path / "pairs.jsonl"), valid_data=str(valid))
+    train, held, _ = train_dpo.load_splits(cfg)
+    assert len(train) == len(pairs) and [p["prompt"] for p in held] == [p["prompt"] for p in pairs[:3]]
+    with pytest.raises(ValueError, match="--valid-data needs --data"):
+        train_dpo.check_config(train_dpo.TrainConfig(valid_data=str(valid)))
+
+
+def test_seed_sets_data_order_and_lora_init(tmp_path):
+    assert torch.equal(train_dpo.epoch_order(20, 7, 0), train_dpo.epoch_order(20, 7, 0))
+    assert not torch.equal(train_dpo.epoch_order(20, 7, 0), train_dpo.epoch_order(20, 8, 0))
+    assert not torch.equal(train_dpo.epoch_order(20, 7, 0), train_dpo.epoch_order(20, 7, 1))  # epochs differ too
+    # end to end, with LoRA (random A init, dropout): the same seed repeats the run, another seed does not
+    runs = {}
+    for name, seed in (("a", "1"), ("b", "1"), ("c", "2")):
+        train_dpo.main(run_args(tmp_path, tmp_path / name, "--max-steps", "2", "--lora-rank", "2",
+                                "--lora-dropout", "0.5", "--seed", seed))
+        runs[name] = read_metrics(tmp_path / name)
+    assert runs["a"] == runs["b"] and runs["a"] != runs["c"]
 
 
 def test_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch, capsys):
