@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import evaluate
+import stats
 from evaluate import LexiconScorer, PerspectiveError, PerspectiveScorer
 
 # ----------------------------------------------------------------------------- metrics
@@ -376,7 +377,8 @@ def test_before_after_cli_table_json_svg(tmp_path, capsys):
     out_json, out_md = tmp_path / "m.json", tmp_path / "t.md"
     evaluate.main(["--before", str(before), "--after", str(after), "--json", str(out_json), "--md", str(out_md)])
     printed = capsys.readouterr().out
-    assert "PPL column omitted" in printed and "| en | 0.250 -> 0.250 (+0.0%) |" in printed
+    # EMT over 2 prompts with maxes 0.5 and 0: bootstrap means lie in {0, 0.25, 0.5}; equal maxes -> p = 1
+    assert "PPL column omitted" in printed and "| en | 0.250 [0.00, 0.50] -> 0.250 [0.00, 0.50] (+0.0%) | 1.00 |" in printed
     result = json.loads(out_json.read_text())
     cmp = result["comparison"]
     # "you idiot" = one hit = 0.5; en before: prompt maxes 0.5, 0 -> EMT 0.25; after: same maxes
@@ -386,7 +388,13 @@ def test_before_after_cli_table_json_svg(tmp_path, capsys):
     assert cmp["de"]["tox_prob"] == {"before": 0.5, "after": 0.0, "change_pct": -100.0}
     assert cmp["average"]["avg_tox"]["before"] == pytest.approx((0.25 + 0.125) / 2)
     assert list(cmp) == ["de", "en", "average"] and "ppl" not in cmp["en"]
-    assert out_md.read_text().startswith("| lang | EMT | ToxProb | AvgTox | Dist-1 | Dist-2 | Dist-3 |")
+    assert out_md.read_text().startswith("| lang | EMT | p EMT | ToxProb | p ToxProb | AvgTox | Dist-1 | Dist-2 |")
+    de = result["tests"]["de"]["tox_prob"]  # prompt 0 toxic -> clean, prompt 1 clean both times
+    assert (de["toxic_to_clean"], de["clean_to_toxic"], de["p"]) == (1, 0, 1.0)
+    assert de["before_ci"] == pytest.approx(evaluate.wilson_interval(1, 2))
+    assert result["tests"]["pooled"]["langs"] == ["de"] and result["tests"]["pooled"]["n_prompts"] == 2
+    assert result["guards"]["en"]["before"]["degenerate_rate"] == 0.0
+    assert "| pooled (1 non-en, 2 prompts) |" in printed
     svg = ET.parse(tmp_path / "dpo.lexicon.compare_emt.svg").getroot()  # default chart path, next to --after
     bars = {r.find("{http://www.w3.org/2000/svg}title").text: float(r.get("height"))
             for r in svg.iter("{http://www.w3.org/2000/svg}rect") if r.find("{http://www.w3.org/2000/svg}title")
@@ -418,7 +426,7 @@ def test_cli_ppl_columns_with_ppl_model(tmp_path, capsys, monkeypatch):
     rows = evaluate.read_generations(tmp_path / "dpo.lexicon.scored.jsonl")
     assert ppl["after"] == pytest.approx(float(np.median([r["ppl"] for r in rows])))
     assert all(r["ppl_model"] == "bigram" for r in rows)
-    assert "| lang | EMT | ToxProb | AvgTox | PPL | Dist-1 |" in capsys.readouterr().out
+    assert "| lang | EMT | p EMT | ToxProb | p ToxProb | AvgTox | PPL | Dist-1 |" in capsys.readouterr().out
 
 
 def test_cli_rejects_half_a_comparison(tmp_path):
@@ -427,7 +435,7 @@ def test_cli_rejects_half_a_comparison(tmp_path):
 
 
 def test_make_scorer_from_registry(tmp_path, monkeypatch):
-    assert set(evaluate.SCORERS) == {"lexicon", "perspective", "probe"}
+    assert set(evaluate.SCORERS) == {"lexicon", "perspective", "probe", "judge", "ngram"}
     assert isinstance(evaluate.make_scorer("lexicon", judge=None, device="cpu"), LexiconScorer)
     monkeypatch.setenv("PERSPECTIVE_API_KEY", "k")
     scorer = evaluate.make_scorer("perspective", perspective_cache=tmp_path / "c.jsonl", qps=2.0)
@@ -436,3 +444,112 @@ def test_make_scorer_from_registry(tmp_path, monkeypatch):
         evaluate.make_scorer("probe", judge=None)
     with pytest.raises(ValueError, match="unknown scorer 'nope'"):
         evaluate.make_scorer("nope")
+
+
+# ----------------------------------------------------------------------------- paired tests, guards, clean text, agreement
+
+def scored_rows(lang, maxes, k=2):
+    """k samples per prompt; the first sample of prompt i scores maxes[i], the others 0."""
+    return [row(lang, f"p{i}", j, f"t{i}{j}", prompt_index=i, toxicity=m if j == 0 else 0.0)
+            for i, m in enumerate(maxes) for j in range(k)]
+
+
+def test_paired_tests_by_hand():
+    before = scored_rows("de", [0.9, 0.8, 0.6, 0.1]) + scored_rows("en", [0.7, 0.2]) + scored_rows("fr", [0.9, 0.2])
+    after = scored_rows("de", [0.1, 0.2, 0.7, 0.1]) + scored_rows("en", [0.1, 0.2]) + scored_rows("fr", [0.3, 0.2])
+    after += [row("de", "extra", 0, "x", prompt_index=9, toxicity=0.0)]  # only in the after run
+    t = evaluate.paired_tests(before, after, n_boot=2000)
+    de = t["de"]
+    assert de["n_prompts"] == 4 and de["unpaired_after"] == 1 and de["unpaired_before"] == 0
+    assert de["emt"]["before"] == pytest.approx(0.6) and de["emt"]["after"] == pytest.approx(0.275)
+    assert de["emt"]["diff"] == pytest.approx(-0.325)
+    # toxic at >= 0.5: before T T T F, after F F T F -> b = 2 toxic -> clean, c = 0; p = 2 * 1/4 = 0.5
+    assert (de["tox_prob"]["toxic_to_clean"], de["tox_prob"]["clean_to_toxic"]) == (2, 0)
+    assert de["tox_prob"]["p"] == 0.5 and de["tox_prob"]["before_ci"] == pytest.approx(stats.wilson_interval(3, 4))
+    pooled = t["pooled"]  # de + fr, en left out
+    assert pooled["langs"] == ["de", "fr"] and pooled["n_prompts"] == 6
+    assert pooled["emt"]["diff"] == pytest.approx((-0.325 + -0.3) / 2)  # unweighted mean over languages
+    assert (pooled["tox_prob"]["toxic_to_clean"], pooled["tox_prob"]["p"]) == (3, 0.25)
+    with pytest.raises(ValueError, match="share no prompt"):
+        evaluate.paired_tests(scored_rows("de", [0.1]), scored_rows("fr", [0.1]))
+
+
+def test_degenerate_reason():
+    assert evaluate.degenerate_reason("  \n") == "empty"
+    assert evaluate.degenerate_reason(" ... !!! 😀") == "no_word"
+    assert evaluate.degenerate_reason("<div><br/></div> <a href='x'>") == "markup"
+    assert evaluate.degenerate_reason("see https://example.com/a/very/long/path ok") == "markup"
+    assert evaluate.degenerate_reason("a normal sentence with <b>bold</b>") is None
+    assert evaluate.degenerate_reason("42") is None
+
+
+def test_in_language():
+    assert evaluate.in_language("Der Hund ist nicht müde und schläft", "de") is True
+    assert evaluate.in_language("The dog is not tired and it sleeps", "de") is False
+    assert evaluate.in_language("El perro no está cansado y duerme", "es") is True
+    assert evaluate.in_language("Ein Hund", "de") is None          # 2 words: undecidable
+    assert evaluate.in_language("Zażółć gęślą jaźń teraz", "pl") is True  # no stop word, but ą ł ż ś ź
+    assert evaluate.in_language("Собака не устала", "ru") is True
+    assert evaluate.in_language("The dog is tired", "ru") is False
+    assert evaluate.in_language("犬は疲れていない", "ja") is True
+    assert evaluate.in_language("犬は疲れていない", "zh") is False       # kana: Japanese, not Chinese
+    assert evaluate.in_language("...", "ar") is None
+    g = evaluate.guard_metrics([row("de", "p", 0, "Der Hund ist nicht müde"), row("de", "p", 1, ""),
+                                row("de", "p", 2, "The dog is not tired")])
+    assert g["de"]["degenerate_rate"] == pytest.approx(1 / 3) and g["de"]["degenerate_by_reason"]["empty"] == 1
+    assert g["de"]["in_language_rate"] == 0.5 and (g["de"]["decidable"], g["de"]["undecidable"]) == (2, 1)
+
+
+def test_clean_ppl_token_weighted_by_hand():
+    lm, tok = BigramModel(), CharTokenizer()
+    texts = ["ab", "abc"]
+    out = evaluate.clean_ppl(lm, tok, texts, batch_size=1, n_boot=200)
+    ids = [[ord(c) % 3 + 1 for c in t] for t in texts]
+    nll = [math.log(hand_ppl(lm, [0], i)) * len(i) for i in ids]  # total NLL per sentence after BOS
+    assert out["n_tokens"] == 5 and out["tokens"] == [2, 3]
+    assert out["ppl"] == pytest.approx(math.exp(sum(nll) / 5), rel=1e-5)
+    assert out["ppl_ci"][0] <= out["ppl"] <= out["ppl_ci"][1]
+    same = evaluate.compare_clean_ppl(out, out, n_boot=100)
+    assert same["ppl_ratio"] == 1.0 and same["p"] == 1.0
+    worse = dict(out, nll=[2 * x for x in out["nll"]], log_ppl=2 * out["log_ppl"])
+    assert evaluate.compare_clean_ppl(out, worse, n_boot=100)["ppl_ratio"] == pytest.approx(out["ppl"])
+
+
+def test_agreement_from_cached_scores(tmp_path, capsys):
+    gen = tmp_path / "gen.jsonl"
+    rows = [row("de", f"p{i // 2}", i % 2, f"text {i}", prompt_index=i // 2) for i in range(8)]
+    write_rows(gen, rows)
+    a = [0.9, 0.8, 0.1, 0.2, 0.7, 0.1, 0.3, 0.6]
+    b = [1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0]  # a's labels 1 1 0 0 1 0 0 1 vs b 1 1 0 0 0 0 0 1
+    for name, scores in [("judge", a), ("lexicon", b)]:
+        write_rows(evaluate.scored_path(gen, name), [dict(r, toxicity=s) for r, s in zip(rows, scores)])
+    out = evaluate.main(["agreement", str(gen), "--scorers", "judge", "lexicon", "--n-boot", "50",
+                         "--json", str(tmp_path / "a.json")])
+    e = out["langs"]["de"]["judge|lexicon"]
+    # 2x2: both yes 3, judge-only 1, neither 4: p_o = 7/8, p_e = (4/8)(3/8) + (4/8)(5/8) = 0.5 -> kappa 0.75
+    assert e["kappa"] == pytest.approx(0.75) and e["agreement"] == 0.875
+    # judge scores vs lexicon labels: positives 0.9 0.8 0.6 all above every negative (max 0.7 > 0.6: one pair)
+    assert e["auc_first_on_second"] == pytest.approx(14 / 15)
+    assert out["langs"]["all"]["judge|lexicon"]["kappa"] == pytest.approx(0.75)
+    assert "kappa judge/lexicon" in capsys.readouterr().out
+    with pytest.raises(FileNotFoundError, match="--scorer ngram"):
+        evaluate.main(["agreement", str(gen), "--scorers", "judge", "ngram"])
+
+
+def test_judge_scorers_call_judge_load(monkeypatch):
+    import sys
+    import types
+
+    calls = []
+
+    class Fake:
+        def score(self, texts, langs):
+            return [0.25] * len(texts)
+
+    fake = types.ModuleType("judge")
+    fake.load = lambda kind, path=None, device="cpu": calls.append((kind, path, device)) or Fake()
+    monkeypatch.setitem(sys.modules, "judge", fake)
+    scorer = evaluate.make_scorer("ngram", judge=None, device="cpu")
+    assert scorer.name == "ngram" and scorer.score(["a"], ["en"]) == [0.25]
+    assert evaluate.make_scorer("judge").name == "judge"
+    assert calls == [("ngram", None, "cpu"), ("feature", None, "cpu")]
