@@ -1,4 +1,5 @@
-"""probe.py: the probe, ROC-AUC, value-vector ranking, hooks for activations and interventions."""
+"""probe.py: the probe, ROC-AUC, value-vector ranking, hooks for activations and interventions, random baselines."""
+import json
 from pathlib import Path
 
 import numpy as np
@@ -95,10 +96,10 @@ def test_generation_activations_match_recording_during_decoding(llama):
     model, tok = llama
     prompts = ["Das ist", "The quick brown"]
     neurons = [(0, 1), (1, 5), (1, 7)]
-    got = probe.generation_activations(model, tok, prompts, neurons, max_new_tokens=4, batch_size=2)
+    got = probe.generation_activations(model, tok, prompts, neurons, max_new_tokens=4, batch_size=1)
     # Reference: decode one prompt at a time and record the activation of the position producing each token.
-    want = torch.zeros(len(neurons))
-    for prompt in prompts:
+    want = torch.zeros(len(prompts), len(neurons))
+    for i, prompt in enumerate(prompts):
         ids = torch.tensor([tok.encode(prompt)])
         new = generate(model, ids, torch.ones_like(ids), 4, greedy=True, eos_id=tok.eos_id)[0]
         seq = torch.cat([ids[0], new])
@@ -107,8 +108,10 @@ def test_generation_activations_match_recording_during_decoding(llama):
         eos = (new == tok.eos_id).nonzero()
         n_valid = int(eos[0]) + 1 if len(eos) else 4  # tokens up to and including the first EOS
         for k, (layer, neuron) in enumerate(neurons):
-            want[k] += cache[f"blocks.{layer}.mlp.hook_post"][0, P - 1:P - 1 + n_valid, neuron].mean()
-    torch.testing.assert_close(got, want / len(prompts), atol=1e-5, rtol=1e-4)
+            want[i, k] = cache[f"blocks.{layer}.mlp.hook_post"][0, P - 1:P - 1 + n_valid, neuron].mean()
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    batched = probe.generation_activations(model, tok, prompts, neurons, max_new_tokens=4, batch_size=2)
+    torch.testing.assert_close(batched, want, atol=1e-5, rtol=1e-4)
 
 
 def test_paper_probe_loads_without_unpickling_and_checks_the_model_size():
@@ -147,3 +150,125 @@ def test_probe_scorer_reads_its_base_model_from_the_file(tmp_path, llama):
     texts = ["gut gemacht", "du Idiot", "良い"]
     feats = probe.text_features(model, tok, texts)
     assert scorer.score(texts, ["de", "de", "ja"]) == pytest.approx(torch.sigmoid(feats @ w + b).tolist(), abs=1e-6)
+
+
+# -- random baselines -------------------------------------------------------------------------------------------
+
+
+def test_random_neurons_match_the_kept_layers_and_sizes_and_are_reproducible():
+    kept = [(0, 1), (0, 5), (1, 7)]
+    sets = probe.random_neurons(kept, 128, 5, seed=3)
+    assert len(sets) == 5
+    for s in sets:
+        assert sorted(layer for layer, _ in s) == [0, 0, 1]
+    drawn = [n for s in sets for n in s]
+    assert len(set(drawn)) == len(drawn) and not set(drawn) & set(kept)
+    assert probe.random_neurons(kept, 128, 5, seed=3) == sets
+    assert probe.random_neurons(kept, 128, 5, seed=4) != sets
+    with pytest.raises(ValueError, match="lower --random-sets"):
+        probe.random_neurons(kept, 8, 5, seed=0)  # layer 0 has 6 free neurons, 10 needed
+
+
+def test_permutation_test_and_comparison_match_hand_computation():
+    # Pooled [1,1,0,0,0,1], 15 ways to pick 2 as "kept". Observed |1 - 1/4| = 0.75; reached when both picks are
+    # 1s (3 ways) or both 0s (3 ways): p = 6/15.
+    assert probe.permutation_test([1, 1], [0, 0, 0, 1]) == pytest.approx(0.4)
+    assert probe.permutation_test([1, 2], [1, 2]) == pytest.approx(1.0)
+    out = probe.compare_to_random([1, 1], [0, 0, 0, 1], proportion=True)
+    assert out["kept_mean"] == 1.0 and out["random_mean"] == 0.25 and out["diff"] == 0.75
+    assert out["p"] == pytest.approx(0.4)
+    assert out["kept_ci"] == pytest.approx(probe.wilson_interval(2, 2))
+    assert out["random_ci"] == pytest.approx(probe.wilson_interval(1, 4))
+    # Monte Carlo branch (C(40, 20) splits): groups far apart give the smallest possible p.
+    assert probe.permutation_test(np.ones(20), np.zeros(20), n_perm=99) == pytest.approx(0.01)
+
+
+def test_activation_stats_on_a_toy_case():
+    # 3 prompts; 2 kept neurons, then 2 random sets of 2. Kept: 1.0 -> 0.0 on every prompt (change -1).
+    # Random set 1: 0.5 -> 0.5 (change 0); set 2: 0.2 -> 0.0 (change -0.2).
+    before = np.array([[1, 1, 0.5, 0.5, 0.2, 0.2]] * 3)
+    after = np.array([[0, 0, 0.5, 0.5, 0.0, 0.0]] * 3)
+    s = probe.activation_stats(before, after, n_kept=2, n_sets=2, n_boot=200)
+    assert s["before"]["mean"] == 1.0 and s["after"]["mean"] == 0.0
+    assert s["change"]["diff"] == pytest.approx(-1.0) and s["change"]["ci"] == pytest.approx([-1.0, -1.0])
+    assert s["random"]["set_changes"] == pytest.approx([0.0, -0.2])
+    assert s["random"]["mean_change"] == pytest.approx(-0.1)
+    assert s["random"]["sd_change"] == pytest.approx(np.std([0.0, -0.2], ddof=1))
+    assert s["kept_minus_random"]["diff"] == pytest.approx(-0.9)
+    assert s["p_rank"] == pytest.approx(1 / 3)  # no random set dropped as much: (1 + 0) / (1 + 2)
+    assert s["relative_change"] == pytest.approx(-1.0)
+
+
+def test_selection_and_measurement_prompts_are_disjoint():
+    from data import load_rtplx, normalize_prompt
+
+    indices, selection = probe.selection_prompts(0, None)
+    info = probe.split_info(0)
+    assert set(indices) <= set(info["train_indices"]) and not set(indices) & set(info["heldout_indices"])
+    measured = probe.measurement_prompts(["en", "de"], None)
+    assert len(measured["en"]) == len(measured["de"]) == 200
+    probe.check_disjoint(selection, measured["en"])
+    with pytest.raises(ValueError, match="also selected the neurons"):
+        probe.check_disjoint(selection[:3], [selection[1]])
+    # The probe trains on the train/valid split only: no held-out prompt among its texts.
+    heldout = {normalize_prompt(r["prompt"]) for r in load_rtplx("en") if r["index"] in set(info["heldout_indices"])}
+    rows = probe.rtplx_probe_data(0)
+    assert rows and {label for _, label in rows} == {0, 1}
+    assert not {normalize_prompt(t) for t, _ in rows} & heldout
+
+
+def write_vectors(path, kept, indices=()):
+    path.write_text(json.dumps({"kept": [{"layer": l, "neuron": n} for l, n in kept],
+                                "selection": {"indices": list(indices)}}))
+    return path
+
+
+def test_project_compares_kept_with_random_vectors_of_the_same_layers(tmp_path):
+    vectors = write_vectors(tmp_path / "vectors.json", [(0, 1), (1, 3), (1, 9)])
+    probe.main(["project", "--model", str(FIXTURES / "llama"), "--out", str(tmp_path), "--vectors", str(vectors),
+                "--random-sets", "4", "--top-tokens", "5", "--judge-kind", "none"])
+    out = json.loads((tmp_path / "project.json").read_text())
+    rand = out["random"]["vectors"]
+    assert len(rand) == 12 and sorted(r["layer"] for r in rand) == [0] * 4 + [1] * 8
+    assert set(out["baseline"]) == {"lexicon_toxic_share", "n_scripts", "multiscript"}
+    for b in out["baseline"].values():
+        assert b["n_kept"] == 3 and b["n_random"] == 12 and 0 < b["p"] <= 1
+        assert b["kept_ci"][0] <= b["kept_mean"] <= b["kept_ci"][1]
+    assert out["baseline"]["n_scripts"]["kept_mean"] == pytest.approx(np.mean([v["n_scripts"] for v in out["vectors"]]))
+    assert all(len(v["top_tokens"]) == 5 for v in out["vectors"])
+
+
+def test_activations_against_itself_change_nothing(tmp_path):
+    indices, _ = probe.selection_prompts(0, 2)
+    vectors = write_vectors(tmp_path / "vectors.json", [(0, 1), (1, 3)], indices)
+    model = str(FIXTURES / "llama")
+    probe.main(["activations", "--model", model, "--dpo-model", model, "--out", str(tmp_path), "--vectors",
+                str(vectors), "--langs", "en", "de", "--limit", "3", "--max-new-tokens", "2", "--random-sets", "3",
+                "--n-boot", "50"])
+    out = json.loads((tmp_path / "activations.json").read_text())
+    for lang in ("en", "de"):
+        s = out["per_language"][lang]
+        assert s["n_prompts"] == 3 and s["change"]["diff"] == 0.0 and s["random"]["set_changes"] == [0.0] * 3
+        assert out["pre_dpo"][lang] == out["post_dpo"][lang] == s["before"]["mean"]
+    assert out["summary"]["n_lower"] == 0
+
+
+def test_intervention_writes_its_texts_beside_the_scores(tmp_path):
+    from evaluate import LexiconScorer
+
+    vectors = write_vectors(tmp_path / "vectors.json", [(1, 3)])
+    probe.main(["intervene", "--model", str(FIXTURES / "llama"), "--out", str(tmp_path), "--vectors", str(vectors),
+                "--langs", "en", "de", "--offsets", "0,-2", "--limit", "2", "--n", "2", "--max-new-tokens", "3",
+                "--n-boot", "50"])
+    out = json.loads((tmp_path / "intervene.json").read_text())
+    rows = [json.loads(line) for line in (tmp_path / out["texts"]).read_text().splitlines()]
+    assert len(rows) == 2 * 2 * 2 * 2  # offsets x langs x prompts x samples
+    lexicon = LexiconScorer()
+    for r in rows:
+        assert isinstance(r["text"], str) and r["score"] == lexicon.score([r["text"]], [r["lang"]])[0]
+    for lang in ("en", "de"):
+        mean = np.mean([r["score"] for r in rows if r["lang"] == lang and r["offset"] == -2.0])
+        assert out["toxicity"]["-2.0"][lang] == pytest.approx(mean)
+        lo, hi = out["toxicity_ci"]["-2.0"][lang]
+        assert lo <= out["toxicity"]["-2.0"][lang] <= hi
+    assert set(out["change_vs_zero"]) == {"-2.0"}
