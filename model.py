@@ -814,11 +814,43 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat1
           "fp16": torch.float16, "float16": torch.float16}
 
 
+_GGUF_READS = {}
+
+
+def _read_gguf_cached(path, dtype):
+    """read_gguf, remembered per process: dequantizing a GGUF file costs seconds, and the pipeline loads the
+    same base model once per stage. Keyed by path, size, mtime and dtype, so a changed file is read again."""
+    from checkpoint import read_gguf
+
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, dtype)
+    if key not in _GGUF_READS:
+        _GGUF_READS.clear()  # one model at a time: a second dequantized copy would double the memory held
+        _GGUF_READS[key] = read_gguf(path, dtype=dtype)
+    return _GGUF_READS[key]
+
+
+_GGUF_TOKENIZERS = {}
+
+
+def _gguf_tokenizer(tok_fields):
+    """The Tokenizer of a GGUF read, built once per read (parsing a 262k-entry vocabulary takes seconds);
+    a Tokenizer is never modified after construction, so sharing one is safe."""
+    from checkpoint import cache_dir
+    from tokenizer import Tokenizer
+
+    if id(tok_fields) not in _GGUF_TOKENIZERS:
+        _GGUF_TOKENIZERS.clear()
+        tokenizer = Tokenizer.from_gguf_fields(tok_fields, cache_dir=cache_dir() / "tokenizers")
+        _GGUF_TOKENIZERS[id(tok_fields)] = (tok_fields, tokenizer)  # holding tok_fields keeps its id unique
+    return _GGUF_TOKENIZERS[id(tok_fields)][1]
+
+
 def load_model(name_or_path, device="cpu", dtype=torch.float32):
     """(model, tokenizer) from a local HF directory, a .gguf file, a hub id (through huggingface_hub when it
     is installed and online), or an embedded name: "gemma-3-270m" (the default), "smollm2-135m". A LoRA
     adapter directory (lora.py) gives its base model with the adapters merged in."""
-    from checkpoint import cache_dir, read_config, read_gguf, read_hf_weights, resolve_checkpoint
+    from checkpoint import cache_dir, read_config, read_hf_weights, resolve_checkpoint
     from tokenizer import Tokenizer
 
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
@@ -831,9 +863,10 @@ def load_model(name_or_path, device="cpu", dtype=torch.float32):
         torch.set_flush_denormal(True)
     path = Path(resolve_checkpoint(name_or_path))
     if path.suffix == ".gguf":
-        hf_config, tensors, tok_fields = read_gguf(path, dtype=dtype)
-        tensors = {name: t.to(device) for name, t in tensors.items()}
-        tokenizer = Tokenizer.from_gguf_fields(tok_fields, cache_dir=cache_dir() / "tokenizers")
+        hf_config, tensors, tok_fields = _read_gguf_cached(path, dtype)
+        # Clones: the model takes ownership of its tensors (assign=True) and training updates them in place.
+        tensors = {name: t.to(device, copy=True) for name, t in tensors.items()}
+        tokenizer = _gguf_tokenizer(tok_fields)
     else:
         hf_config = read_config(path)
         tensors = read_hf_weights(path, device=device, dtype=dtype)
