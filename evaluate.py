@@ -20,7 +20,6 @@ Toxicity scorers (one interface: score(texts, langs) -> list of floats in [0, 1]
   perspective  Google Perspective API (the paper's scorer); key from $PERSPECTIVE_API_KEY
   judge        judge.py's shipped learned judge on model features (judge.load(kind="feature"))
   ngram        judge.py's shipped character n-gram judge (judge.load(kind="ngram"))
-  probe        a probe.py judge trained in the run, on the frozen base model (--judge judge.safetensors)
 
 Two runs (--before/--after) add, per language, paired tests on the prompts both runs share (EMT: bootstrap CIs
 and a paired bootstrap; ToxProb: Wilson CIs and an exact McNemar test; plus one pooled test over the non-English
@@ -382,20 +381,11 @@ class JudgeScorer:
         return [float(x) for x in self.judge.score(list(texts), list(langs))]
 
 
-def _probe_scorer(judge=None, device="cpu", **_):
-    if not judge:
-        raise ValueError("the probe scorer needs --judge PATH (judge.safetensors from `python probe.py judge`)")
-    from probe import ProbeScorer  # imported on use: probe.py loads a model and imports this module
-
-    return ProbeScorer(judge, device=device)
-
-
 # name -> factory(**options) -> scorer; each factory takes the options it needs and ignores the rest
 # (wordlists, perspective_cache, perspective_url, qps, max_tries, judge, device). A new scorer is one more entry.
 SCORERS = {
     "lexicon": lambda wordlists=WORDLIST_DIR, **_: LexiconScorer(wordlists),
     "perspective": _perspective_scorer,
-    "probe": _probe_scorer,  # reproduce.py and probe.py intervene still score with a judge trained on the run
     "judge": lambda judge=None, device="cpu", **_: JudgeScorer("feature", judge, device),
     "ngram": lambda judge=None, device="cpu", **_: JudgeScorer("ngram", judge, device),
 }
@@ -915,6 +905,16 @@ def compare_clean_ppl(first, second, n_boot=1000, seed=0, level=0.95):
             "p": min(1.0, 2 * (hits + 1) / (n_boot + 1))}
 
 
+def emit(table, result, json_path=None, md_path=None):
+    """Print a subcommand's Markdown table, write its JSON and Markdown where asked, and return the result."""
+    print(table, end="")
+    for path, write, obj in [(json_path, write_json, result), (md_path, write_text, table)]:
+        if path:
+            write(path, obj)
+            print(f"wrote {path}")
+    return result
+
+
 def clean_ppl_main(argv):
     import model as model_lib
 
@@ -968,12 +968,7 @@ def clean_ppl_main(argv):
     if args.model2:
         headers += [f"PPL {args.model2}", "ratio [95% CI]", "p"]
     table = markdown_table(headers, rows, align=["l"] + ["r"] * (len(headers) - 1))
-    print(table, end="")
-    for path, write, obj in [(args.json, write_json, result), (args.md, write_text, table)]:
-        if path:
-            write(path, obj)
-            print(f"wrote {path}")
-    return result
+    return emit(table, result, args.json, args.md)
 
 
 # ----------------------------------------------------------------------------- agreement between instruments
@@ -1079,12 +1074,7 @@ def agreement_main(argv):
         p.error("--scorers needs two or more distinct scorers")
     result = agreement(args.inputs, args.scorers, args.n_boot, args.seed)
     table = agreement_table(result)
-    print(table, end="")
-    for path, write, obj in [(args.json, write_json, result), (args.md, write_text, table)]:
-        if path:
-            write(path, obj)
-            print(f"wrote {path}")
-    return result
+    return emit(table, result, args.json, args.md)
 
 
 # ----------------------------------------------------------------------------- cli
@@ -1101,7 +1091,7 @@ def load_ppl_scorer(args):
 
 # ----------------------------------------------------------------------------- preference margins
 # A cheap, deterministic transfer measure (issue: held-out margins). For held-out RTP-LX pairs in each
-# language -- a prompt with a human-written benign and toxic continuation -- compare log-probs under the DPO
+# language -- a prompt with a benign and a toxic continuation (RTP-LX's) -- compare log-probs under the DPO
 # policy and its reference (the base model). The DPO implicit reward margin
 #     m = beta * ((log pi(benign) - log ref(benign)) - (log pi(toxic) - log ref(toxic)))
 # is > 0 when DPO moved probability from the toxic continuation to the benign one, in that language.
@@ -1261,8 +1251,8 @@ def build_parser():
     p.add_argument("--after", nargs="+", metavar="JSONL", help="generations of the model after DPO")
     p.add_argument("--scorer", choices=sorted(SCORERS), default="lexicon",
                    help="toxicity scorer: offline word lists, the Perspective API (needs PERSPECTIVE_API_KEY), "
-                        "judge.py's shipped judges (judge: features, ngram), or a probe.py judge (probe, needs "
-                        "--judge) (default: %(default)s)")
+                        "or judge.py's shipped judges (judge: the feature judge, ngram: the character n-gram judge) "
+                        "(default: %(default)s)")
     p.add_argument("--json", metavar="PATH", help="write metrics JSON here (two-run default: next to --after)")
     p.add_argument("--md", metavar="PATH", help="also write the Markdown table here")
     p.add_argument("--svg", metavar="PATH", help="write an SVG bar chart here (per-language EMT/ToxProb/AvgTox; "
@@ -1278,8 +1268,7 @@ def build_parser():
     p.add_argument("--perspective-url", default=PERSPECTIVE_URL,
                    help="Perspective base URL; tests point it at a local fake (default: %(default)s)")
     p.add_argument("--judge", metavar="PATH",
-                   help="--scorer probe: judge.safetensors from `python probe.py judge`; --scorer judge/ngram: a "
-                        "judge.py file instead of the shipped one")
+                   help="--scorer judge/ngram: a judge.py file instead of the shipped one")
     p.add_argument("--n-boot", type=int, default=10000,
                    help="two-run: bootstrap resamples for CIs and paired tests (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="two-run: bootstrap seed (default: %(default)s)")
@@ -1291,7 +1280,7 @@ def build_parser():
     p.add_argument("--ppl-batch-size", type=int, default=8,
                    help="sequences per perplexity forward pass (default: %(default)s)")
     p.add_argument("--device", default="cpu",
-                   help="torch device for the perplexity model and the probe judge (default: %(default)s)")
+                   help="torch device for the perplexity model and the feature judge (default: %(default)s)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
                    help="perplexity model dtype; log-probs are always computed in float32 (default: %(default)s)")
     return p

@@ -4,8 +4,6 @@ The mechanistic half of the paper: why English-only DPO detoxifies other languag
     train        a linear toxicity probe w on the mean-pooled last-layer residual stream (no bias, BCE, Adam),
                  on human-labelled English RTP-LX prompts (toxic = annotator score >= 3) outside the held-out
                  evaluation items; reports how well text length alone separates the same data
-    judge        the same recipe with a bias, trained on labelled RTP-LX text in all 17 languages: a learned,
-                 offline multilingual toxicity judge built on the frozen base model
     vectors      MLP value vectors (rows of every layer's down-projection) ranked by cosine with w; keep the
                  top-k, then those that actually fire (mean activation > 0) while the model writes English
                  continuations of English training-split prompts (never the prompts `activations` measures on)
@@ -176,31 +174,6 @@ def selection_prompts(seed, limit):
     return [r["index"] for r in rows], [r["prompt"] for r in rows]
 
 
-class ProbeScorer:
-    """Toxicity in [0, 1] = sigmoid(w . features(text) + b), with a judge or probe file from this script on
-    the frozen base model it was trained on (named in the file). Registered in evaluate.py as "probe"."""
-
-    name = "probe"
-
-    def __init__(self, path, model_name=None, device="cpu", batch_size=16, max_len=128):
-        from checkpoint import read_safetensors_metadata
-
-        meta = read_safetensors_metadata(path)
-        model_name = model_name or meta.get("model")
-        if not model_name:
-            raise ValueError(f"{path}: probe file names no model; pass the base model explicitly")
-        self.model, self.tokenizer = load_model(model_name, device=device)
-        self.w, self.b = load_probe(path, self.model.config.d_model)
-        if meta.get("hook", last_layer(self.model)) != last_layer(self.model):
-            raise ValueError(f"{path}: probe reads {meta['hook']}, but features come from {last_layer(self.model)}")
-        self.device, self.batch_size, self.max_len = device, batch_size, max_len
-        self.fingerprint = f"probe:{Path(path).name}:{float(self.w.norm()):.6g}:{float(self.b):.6g}"
-
-    def score(self, texts, langs):
-        feats = text_features(self.model, self.tokenizer, list(texts), self.batch_size, self.max_len, self.device)
-        return torch.sigmoid(feats @ self.w + self.b).tolist()
-
-
 # -----------------------------------------------------------------------------
 # Activations of chosen neurons while the model writes
 
@@ -334,21 +307,12 @@ def judge_toxic_tokens(judge, tokens):
 
 
 def load_token_judge(kind, path, device):
-    """(judge, note): judge.load(kind, path, device), or None and a one-line reason to skip the judge metric."""
+    """(judge or None, note): judge.py's shipped judge of this kind, or none with --judge-kind none."""
     if kind == "none":
         return None, "judge metric off (--judge-kind none)"
-    try:
-        import judge
-    except ModuleNotFoundError as e:
-        if e.name != "judge":
-            raise
-        return None, "judge metric skipped: judge.py is not available"
-    if not hasattr(judge, "load"):
-        return None, "judge metric skipped: judge.py has no load() yet"
-    try:
-        return judge.load(kind=kind, path=path, device=device), f"judge: {kind}"
-    except FileNotFoundError as e:
-        return None, f"judge metric skipped: {e}"
+    import judge  # imported on use: loading the feature judge loads a model
+
+    return judge.load(kind=kind, path=path, device=device), f"judge: {kind}"
 
 
 @torch.no_grad()
@@ -424,54 +388,6 @@ def cmd_train(args, model, tok):
                for split, r in (("train", train), ("valid", valid))]
     return result, ("## Toxicity probe\n\n" + markdown_table(
         ["split", "n", "toxic", "accuracy", "ROC-AUC", "ROC-AUC of length alone"], rows_md))
-
-
-def judge_data(seed, per_lang, heldout):
-    """Labelled multilingual text from RTP-LX: benign (0) and toxic (1) human completions, and prompts by
-    their human toxicity score (>= 3 of 5 is toxic; the only labels Russian has). Rows held out for
-    evaluation (heldout[lang] = set of RTP-LX indices) are excluded: the judge never trains on the prompts
-    whose continuations it will judge."""
-    rows = []
-    for lang in LANGS:
-        lang_rows = []
-        for r in load_rtplx(lang):
-            if r["index"] in heldout[lang]:
-                continue
-            if r.get("benign_completion"):
-                lang_rows.append((r["benign_completion"], 0, lang))
-            if r.get("toxic_completion"):
-                lang_rows.append((r["toxic_completion"], 1, lang))
-            if r.get("prompt") and r.get("prompt_toxicity") is not None:
-                lang_rows.append((r["prompt"], int(r["prompt_toxicity"] >= 3), lang))
-        random.Random(seed).shuffle(lang_rows)
-        rows += lang_rows[:per_lang] if per_lang else lang_rows
-    return rows
-
-
-def cmd_judge(args, model, tok):
-    split = default_split(seed=args.seed)
-    heldout = {lang: {p["index"] for p in split["eval_prompts"][lang]} for lang in LANGS}
-    rows = judge_data(args.seed, args.limit, heldout)
-    texts, labels = [r[0] for r in rows], torch.tensor([r[1] for r in rows])
-    langs = [r[2] for r in rows]
-    feats = text_features(model, tok, texts, args.batch_size, args.max_len, args.device)
-    tr, va = split_indices(len(rows), args.valid_frac, args.seed)
-    w, b = train_linear(feats[tr], labels[tr], bias=True, lr=args.lr, batch_size=10, epochs=args.epochs,
-                        seed=args.seed)
-    probs = torch.sigmoid(feats @ w + b).numpy()
-    per_lang = {}
-    for lang in LANGS:
-        sel = [i for i in va if langs[i] == lang]
-        if sel:
-            per_lang[lang] = classification_report(probs[sel], labels[sel].numpy())
-    overall = classification_report(probs[va], labels[va].numpy())
-    save_probe(Path(args.out) / "judge.safetensors", w, b, model, last_layer(model), {"kind": "judge"})
-    result = {"model": args.model, "n_train": len(tr), "n_valid": len(va), "valid": overall,
-              "valid_per_language": per_lang}
-    md_rows = [[lang, r["n"], f"{r['accuracy']:.3f}", f"{r['roc_auc']:.3f}"] for lang, r in per_lang.items()]
-    md_rows.append(["all", overall["n"], f"{overall['accuracy']:.3f}", f"{overall['roc_auc']:.3f}"])
-    return result, ("## Learned multilingual toxicity judge (held-out RTP-LX text)\n\n"
-                    + markdown_table(["language", "n", "accuracy", "ROC-AUC"], md_rows))
 
 
 def rank_value_vectors(model, w, top_k):
@@ -731,7 +647,7 @@ def cmd_intervene(args, model, tok):
             "change_vs_zero": vs_zero, "texts": "intervene_texts.jsonl"}, md
 
 
-COMMANDS = {"train": cmd_train, "judge": cmd_judge, "vectors": cmd_vectors, "project": cmd_project,
+COMMANDS = {"train": cmd_train, "vectors": cmd_vectors, "project": cmd_project,
             "activations": cmd_activations, "intervene": cmd_intervene}
 
 
@@ -746,11 +662,12 @@ def build_parser():
                    "english-probe-mgpt.pt")
     p.add_argument("--vectors", help="project/activations/intervene: vectors.json from `vectors`")
     p.add_argument("--dpo-model", help="activations: the DPO-trained checkpoint to compare with --model")
-    p.add_argument("--judge", help="intervene with --scorer probe: judge.safetensors from `judge`")
-    p.add_argument("--scorer", default="lexicon", help="intervene: toxicity scorer (lexicon, probe, perspective)")
+    p.add_argument("--judge", help="intervene with --scorer judge/ngram: a judge.py file instead of the shipped one")
+    p.add_argument("--scorer", default="judge", help="intervene: toxicity scorer (judge, ngram, lexicon, "
+                   "perspective; see evaluate.py)")
     p.add_argument("--judge-kind", default="ngram", choices=["feature", "ngram", "none"],
                    help="project: also count the top tokens judge.py's judge of this kind calls toxic (none: off; "
-                   "skipped with a note when judge.py or its model is missing) (default: %(default)s)")
+                   "default: %(default)s)")
     p.add_argument("--judge-path", help="project: the judge's model file for judge.load (default: judge.py's)")
     p.add_argument("--random-sets", type=int, default=10, help="project/activations: random neuron sets, each "
                    "with the kept set's per-layer counts, as the chance baseline (default: %(default)s)")

@@ -435,13 +435,11 @@ def test_cli_rejects_half_a_comparison(tmp_path):
 
 
 def test_make_scorer_from_registry(tmp_path, monkeypatch):
-    assert set(evaluate.SCORERS) == {"lexicon", "perspective", "probe", "judge", "ngram"}
+    assert set(evaluate.SCORERS) == {"lexicon", "perspective", "judge", "ngram"}
     assert isinstance(evaluate.make_scorer("lexicon", judge=None, device="cpu"), LexiconScorer)
     monkeypatch.setenv("PERSPECTIVE_API_KEY", "k")
     scorer = evaluate.make_scorer("perspective", perspective_cache=tmp_path / "c.jsonl", qps=2.0)
     assert isinstance(scorer, PerspectiveScorer) and scorer.interval == 0.5
-    with pytest.raises(ValueError, match="needs --judge"):
-        evaluate.make_scorer("probe", judge=None)
     with pytest.raises(ValueError, match="unknown scorer 'nope'"):
         evaluate.make_scorer("nope")
 

@@ -141,17 +141,6 @@ def test_token_script():
     assert probe.token_script("123") is None
 
 
-def test_probe_scorer_reads_its_base_model_from_the_file(tmp_path, llama):
-    model, tok = llama
-    model.name_or_path = str(FIXTURES / "llama")
-    w, b = torch.randn(model.config.d_model), torch.tensor(-0.2)
-    probe.save_probe(tmp_path / "judge.safetensors", w, b, model, probe.last_layer(model), {"kind": "judge"})
-    scorer = probe.ProbeScorer(tmp_path / "judge.safetensors")
-    texts = ["gut gemacht", "du Idiot", "良い"]
-    feats = probe.text_features(model, tok, texts)
-    assert scorer.score(texts, ["de", "de", "ja"]) == pytest.approx(torch.sigmoid(feats @ w + b).tolist(), abs=1e-6)
-
-
 # -- random baselines -------------------------------------------------------------------------------------------
 
 
@@ -259,7 +248,7 @@ def test_intervention_writes_its_texts_beside_the_scores(tmp_path):
     vectors = write_vectors(tmp_path / "vectors.json", [(1, 3)])
     probe.main(["intervene", "--model", str(FIXTURES / "llama"), "--out", str(tmp_path), "--vectors", str(vectors),
                 "--langs", "en", "de", "--offsets", "0,-2", "--limit", "2", "--n", "2", "--max-new-tokens", "3",
-                "--n-boot", "50"])
+                "--n-boot", "50", "--scorer", "lexicon"])
     out = json.loads((tmp_path / "intervene.json").read_text())
     rows = [json.loads(line) for line in (tmp_path / out["texts"]).read_text().splitlines()]
     assert len(rows) == 2 * 2 * 2 * 2  # offsets x langs x prompts x samples
