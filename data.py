@@ -5,8 +5,8 @@ and licenses; RTP-LX and the Indonesian word list are NON-COMMERCIAL).
     preference pairs   load_pairs(path): Lee et al.'s `toxicity_pairwise` jsonl (prompt_text,
                        unpert_gen_text = chosen, pert_gen_text = rejected) or generic (prompt, chosen,
                        rejected); write_toxicity_pairwise(pairs, path) writes the former.
-    RTP-LX             load_rtplx(lang): the paper's evaluation prompts in 17 languages, with human-written
-                       toxic and benign completions (none for ru); rtplx_pairs(lang): those as DPO pairs.
+    RTP-LX             load_rtplx(lang): the paper's evaluation prompts in 17 languages (prompt_toxicity: 3 native
+                       annotators), with toxic and benign completions of unstated origin (none for ru); rtplx_pairs(lang): those as DPO pairs.
     the split          default_split(seed): English RTP-LX pairs for DPO training/validation, and per
                        language the held-out prompts (for generation) and pairs (for margins).
     pair builder       rtplx_pairs normalises whitespace on both sides and drops rows with LLM-prompt scaffolding
@@ -529,8 +529,8 @@ def default_split(seed=0, n_train=None, n_valid=50, n_heldout=400, block=10, dat
 
 def parallel_eval_items(split, n_items, seed=0):
     """
-    {lang: [rows {index, prompt, prompt_toxicity, lang}]}: n_items evaluation prompts with the SAME RTP-LX
-    indices in all 17 languages, so per-language results compare one set of source prompts. Indices come from
+    {lang: [rows {index, prompt, prompt_toxicity, lang}]}: n_items (None: all) evaluation prompts with the SAME
+    RTP-LX indices in all 17 languages, so per-language results compare one set of source prompts. Indices come from
     those held out in every language (split["eval_prompts"], with its +-1 drift guard outside English) and
     present in every file; the parallel prompts (English indices 0-199) come first, then the others, each
     group in an order drawn with seed. Rows keep the order of the indices. Near the end of the cs de es fr it zh
@@ -540,6 +540,7 @@ def parallel_eval_items(split, n_items, seed=0):
     for lang in LANGS:
         indices = {r["index"] for r in split["eval_prompts"][lang]}
         common = indices if common is None else common & indices
+    n_items = len(common) if n_items is None else n_items
     if n_items > len(common):
         raise ValueError(f"n_items {n_items} > {len(common)} indices held out in all {len(LANGS)} languages")
     rng = random.Random(seed)
