@@ -322,15 +322,18 @@ def run_correlate(args):
         if not c_path or not c_key:
             raise ValueError(f"--control {args.control!r}: expected PATH:KEY (e.g. clean_ppl.json:log_ppl)")
         control, _ = read_transfer(c_path, c_key)
-    rows, languages = [], {}
+    rows, languages, skipped = [], {}, []
     for spec in args.transfer:
         name, path, key = parse_transfer_spec(spec)
         transfer, what = read_transfer(path, key)
         langs = [l for l in retrievals["cosine"] if l in transfer and (control is None or l in control)]
         need = 4 if control else 3  # a partial correlation spends one more degree of freedom
-        if len(langs) < need:
-            raise ValueError(f"{path}: only {len(langs)} language(s) shared with {args.retrieval}"
-                             f"{' and the control' if control else ''}; need {need}+")
+        if len(langs) < need:  # e.g. a % change of EMT is undefined where EMT starts at 0
+            skipped.append({"transfer": name, "path": str(path), "key": key,
+                            "reason": f"only {len(langs)} language(s) with a finite value shared with the "
+                                      f"retrieval{' and the control' if control else ''}; need {need}+"})
+            print(f"{name}: skipped, {skipped[-1]['reason']}")
+            continue
         ys = [transfer[l] for l in langs]
         zs = [control[l] for l in langs] if control else None
         direction = "lower = more detoxification" if lower_is_more_detox(what) else "higher = more detoxification"
@@ -355,7 +358,7 @@ def run_correlate(args):
            "retrieval_metrics": list(RETRIEVAL_METRICS), "sign_convention": SIGN_CONVENTION,
            "control": {"spec": args.control, "values": control} if control else None,
            "permutations": args.permutations, "seed": args.seed, "n_variants": n_variants, "results": rows,
-           "languages": languages}
+           "skipped": skipped, "languages": languages}
     out_dir = Path(args.out)
     write_json(out_dir / "correlation.json", out)
 

@@ -212,6 +212,14 @@ def test_correlate_end_to_end_on_evaluate_output(tmp_path):
     assert tox["languages"]["de"] == {"cosine": 0.9, "accuracy": 0.8, "compare:tox_prob": -20.0}
     assert tox["n_variants"] == 4 and "partial_pearson" not in tox["results"][0]
 
+    # a measure defined in too few languages is skipped with its reason; the others are still computed
+    sparse = tmp_path / "sparse.json"
+    sparse.write_text(json.dumps({"de": {"mean_margin": 0.1}, "fr": {"mean_margin": 0.2}}))
+    out = retrieve.main(["correlate", "--retrieval", str(retrieval), "--transfer", f"few={sparse}:mean_margin",
+                         "--transfer", f"emt={transfer}:emt", "--out", str(tmp_path / "o3"), "--permutations", "50"])
+    assert [s["transfer"] for s in out["skipped"]] == ["few"] and "only 2 language(s)" in out["skipped"][0]["reason"]
+    assert {r["transfer"] for r in out["results"]} == {"emt"}
+
 
 def test_parse_transfer_spec():
     assert retrieve.parse_transfer_spec("m=runs/a.json:mean_margin") == ("m", "runs/a.json", "mean_margin")
