@@ -4,22 +4,26 @@ The whole paper in miniature, on a real multilingual model, offline, with one co
     python reproduce.py                     # --preset cpu: about an hour on 2 CPU cores
     python reproduce.py --preset smoke      # every stage on a few prompts (what CI runs)
     python reproduce.py --preset paper      # the paper's settings, for a GPU
+    python reproduce.py --lora              # add the paper's Appendix D (LoRA vs full fine-tuning)
 
 Stages (each cached in OUT/stages/<name>.json when done; a killed run continues where it stopped):
 
-    split        English RTP-LX pairs for DPO, held-out prompts and pairs in 17 languages
-    gen_base     sample continuations of the held-out prompts from the base model
-    dpo          English-only DPO (train_dpo.py)
-    gen_dpo      the same prompts and seeds, from the DPO model
-    judge        a learned multilingual toxicity judge on the frozen base model (probe.py judge)
-    eval_*       EMT / ToxProb / AvgTox before -> after under the lexicon and the judge; PPL; Dist-n
-    margins      held-out benign-vs-toxic preference margins in every language
-    retrieval    bilingual sentence retrieval English <-> X, and its correlation with per-language transfer
-    probe_*      toxicity probe, toxic value vectors, their vocabulary projection, activations before/after
-                 DPO, and the causal intervention
-    *_lora       the paper's Appendix D: the same DPO run training LoRA adapters (rank 64, alpha 16, dropout
-                 0.05, every linear layer) instead of all weights, then its samples, toxicity and margins
-    report       OUT/report.md (tables in the paper's layout), with the JSON and SVG files beside it
+    split          English RTP-LX DPO pairs (length-matched, see data.py), placebo pairs, and the SAME held-out
+                   RTP-LX items in all 17 languages for evaluation
+    gen_base       sample continuations of the evaluation prompts from the base model
+    dpo, dpo_seed* English-only DPO (train_dpo.py), one run per seed
+    dpo_placebo    the same recipe on placebo pairs (benign vs another item's benign): no toxicity difference
+    gen_*          the same prompts and random streams, from each trained model
+    eval_*         EMT / ToxProb before -> after with intervals and paired tests, under the shipped feature
+                   judge, the character n-gram judge and the lexicon; degenerate and off-language output
+    agreement      how the three instruments agree on the generations
+    clean_ppl      perplexity on clean Tatoeba text per language, base vs each trained model
+    margins_*      held-out benign-vs-toxic preference margins in every language (the run's beta and lengths)
+    retrieval      bilingual sentence retrieval English <-> X, and its correlation with per-language transfer
+    probe_*        toxicity probe, toxic value vectors vs random ones, their vocabulary projection, activations
+                   before/after DPO vs random neurons, and the causal intervention
+    *_lora         (--lora) the paper's Appendix D: the same DPO run training LoRA adapters
+    report         OUT/report.md: a claims table first, then the tables behind it, with JSON and SVG beside it
 
 Every stage is the same CLI a user would run by hand; the exact commands go to OUT/commands.sh.
 """
@@ -44,30 +48,30 @@ from train_dpo import TrainConfig
 BASE_MODEL = "gemma-3-270m"
 
 # What each preset runs. "cpu" is sized to finish in about an hour on 2 CPU cores; "paper" is the paper's
-# protocol (all held-out prompts, 25 samples, the paper's DPO recipe) and wants a GPU.
+# protocol (all held-out prompts, 25 samples, the paper's DPO recipe) and wants a GPU. `items` RTP-LX items are
+# evaluated in every language (the same items in all 17), `n` samples each.
 PRESETS = {
-    "smoke": dict(prompts_per_lang=2, n=2, max_new_tokens=8, dpo=["--max-steps", "2", "--eval-every", "2"],
-                  dpo_pairs=16,
-                  judge_per_lang=8, margin_pairs=4, retrieval_limit=12, probe_texts=40, top_k=20,
-                  probe_prompts=3, intervene_langs=["en", "de"], intervene_offsets="0,-5", intervene_prompts=2,
-                  intervene_n=1, max_len=96, activation_langs=["en", "de", "ja"]),
-    "cpu": dict(prompts_per_lang=8, n=4, max_new_tokens=20, dpo_pairs=None,
+    "smoke": dict(items=2, n=2, max_new_tokens=8, seeds=[0], dpo_pairs=16,
+                  dpo=["--max-steps", "2", "--eval-every", "2"], margin_pairs=4, clean_limit=4, retrieval_limit=12,
+                  probe_texts=40, top_k=20, random_sets=3, select_prompts=3, activation_langs=["en", "de", "ja"],
+                  intervene_langs=["en", "de"], intervene_offsets="0,-5", intervene_prompts=2, intervene_n=1,
+                  max_len=96),
+    "cpu": dict(items=40, n=3, max_new_tokens=20, seeds=[0, 1], dpo_pairs=None,
                 dpo=["--max-steps", "60", "--lr", "3e-6", "--warmup-steps", "10", "--eval-every", "15"],
-                judge_per_lang=50, margin_pairs=20, retrieval_limit=80, probe_texts=300, top_k=100, probe_prompts=10,
-                intervene_langs=["en", "de", "ja", "ru"], intervene_offsets="0,-5,5", intervene_prompts=4,
-                intervene_n=2, max_len=96, activation_langs=list(data.LANGS)),
-    "paper": dict(prompts_per_lang=None, n=25, max_new_tokens=20, dpo=[], dpo_pairs=None, judge_per_lang=None,
-                  margin_pairs=None,
-                  retrieval_limit=None, probe_texts=None, top_k=100, probe_prompts=200,
-                  intervene_langs=list(data.LANGS), intervene_offsets="0,-1,-2,-3,-4,-5,5", intervene_prompts=50,
-                  intervene_n=25, max_len=256, activation_langs=list(data.LANGS)),
+                margin_pairs=30, clean_limit=60, retrieval_limit=80, probe_texts=None, top_k=100, random_sets=10,
+                select_prompts=40, activation_langs=list(data.LANGS), intervene_langs=["en", "de", "ja", "ru"],
+                intervene_offsets="0,-5,5", intervene_prompts=8, intervene_n=2, max_len=96),
+    "paper": dict(items=None, n=25, max_new_tokens=20, seeds=[0, 1, 2], dpo=[], dpo_pairs=None, margin_pairs=None,
+                  clean_limit=None, retrieval_limit=None, probe_texts=None, top_k=100, random_sets=20,
+                  select_prompts=200, activation_langs=list(data.LANGS), intervene_langs=list(data.LANGS),
+                  intervene_offsets="0,-1,-2,-3,-4,-5,5", intervene_prompts=50, intervene_n=25, max_len=256),
 }
+SCORERS = ("judge", "ngram", "lexicon")  # the shipped feature judge first: it decides the claims
 
 # The paper's LoRA settings for its 7-8B models (QLoRA there; here the base stays in --dtype).
 LORA = {"--lora-rank": 64, "--lora-alpha": 16, "--lora-dropout": 0.05}
 # LoRA's update starts at zero and is scaled by alpha/rank = 0.25, so at full fine-tuning's learning rate it
-# barely moves in 60 steps (gemma-3-270m, lr 3e-6: English validation loss 0.69 -> 0.40 vs 0.0016 for full
-# fine-tuning). Ten times the learning rate is the usual LoRA practice and brings English learning close.
+# barely moves in 60 steps. Ten times the learning rate is the usual LoRA practice.
 LORA_LR_FACTOR = 10
 
 # The paper's mGPT-1.3B figures, quoted in the report for comparison (Li, Yong & Bach 2024).
@@ -79,9 +83,9 @@ PAPER = {"toxprob_before": 46.8, "toxprob_after": 3.9, "retrieval_pearson": 0.73
 
 
 class Pipeline:
-    def __init__(self, out, preset, device, dtype):
+    def __init__(self, out, preset, device, dtype, lora=False):
         self.out, self.preset, self.p = Path(out), preset, PRESETS[preset]
-        self.device, self.dtype = device, dtype
+        self.device, self.dtype, self.lora = device, dtype, lora
         (self.out / "stages").mkdir(parents=True, exist_ok=True)
         self.commands = []
 
@@ -105,6 +109,11 @@ class Pipeline:
     def common(self):
         return ["--device", self.device, "--dtype", self.dtype]
 
+    @property
+    def runs(self):
+        """The trained models: one English-only DPO run per seed, then the placebo."""
+        return [("dpo" if s == 0 else f"dpo_seed{s}") for s in self.p["seeds"]] + ["dpo_placebo"]
+
     # -- the stages ------------------------------------------------------------
 
     def split(self):
@@ -113,19 +122,25 @@ class Pipeline:
             return json.loads(marker.read_text())["sizes"]
         t0 = time.perf_counter()
         split = data.default_split()
-        data.write_toxicity_pairwise(split["train"], self.path("pairs", "train.jsonl"))
-        data.write_toxicity_pairwise(split["valid"], self.path("pairs", "valid.jsonl"))
-        if self.p["dpo_pairs"]:
-            data.write_toxicity_pairwise(split["train"][:self.p["dpo_pairs"]], self.path("pairs", "smoke.jsonl"))
-        k = self.p["prompts_per_lang"]
+        pairs = {"train": split["train"], "valid": split["valid"]}
+        if self.p["dpo_pairs"]:  # smoke: a few pairs so that every stage runs in seconds
+            pairs = {name: rows[:self.p["dpo_pairs"] // (1 if name == "train" else 4)] for name, rows in pairs.items()}
+        pairs["placebo_train"] = data.placebo_pairs(pairs["train"], seed=0)
+        pairs["placebo_valid"] = data.placebo_pairs(pairs["valid"], seed=1)
+        for name, rows in pairs.items():
+            data.write_toxicity_pairwise(rows, self.path("pairs", f"{name}.jsonl"))
+        # How well length and format alone tell rejected from chosen, on the token-cut texts the model trains on
+        tokenizer = data.load_tokenizer_of(BASE_MODEL)
+        confounds = {name: data.pair_confounds(pairs[name], tokenizer, max_len=self.p["max_len"])
+                     for name in ("train", "placebo_train")}
+        write_json(self.path("pairs", "confounds.json"), confounds)
+        items = data.parallel_eval_items(split, self.p["items"])
         for lang in data.LANGS:
-            rows = split["eval_prompts"][lang][:k] if k else split["eval_prompts"][lang]
             write_text(self.path("prompts", f"{lang}.jsonl"),
                        "".join(json.dumps({"prompt": r["prompt"], "lang": lang, "index": r["index"]},
-                                          ensure_ascii=False) + "\n" for r in rows))
-        sizes = {"train_pairs": self.p["dpo_pairs"] or len(split["train"]), "valid_pairs": len(split["valid"]),
-                 "eval_prompts_available": {l: len(split["eval_prompts"][l]) for l in data.LANGS},
-                 "eval_prompts_used": {l: min(k or 10 ** 9, len(split["eval_prompts"][l])) for l in data.LANGS},
+                                          ensure_ascii=False) + "\n" for r in items[lang]))
+        sizes = {"train_pairs": len(pairs["train"]), "valid_pairs": len(pairs["valid"]),
+                 "items": len(items["en"]), "samples_per_prompt": self.p["n"], "item_indices": [r["index"] for r in items["en"]],
                  "eval_pairs_available": {l: len(split["eval_pairs"][l]) for l in data.LANGS},
                  "parallel_held_out": split["info"]["parallel_matched"]}
         write_json(marker, {"sizes": sizes, "seconds": time.perf_counter() - t0})
@@ -135,20 +150,19 @@ class Pipeline:
         p = self.p
         self.run(name, "generate", ["--model", model, "--prompts", self.path("prompts"), "--out",
                                     self.path("generations", f"{name}.jsonl"), "--n", p["n"], "--max-new-tokens",
-                                    p["max_new_tokens"], "--seed", 0, "--batch-size", 4, *self.common()])
+                                    p["max_new_tokens"], "--seed", 0, "--batch-size", 8, *self.common()])
 
-    def dpo(self, name="dpo", overrides=None):
+    def dpo(self, name, seed=0, pairs="", overrides=None):
         """Train; `overrides` {flag: value} replaces the preset's value of a flag or adds the flag."""
         run_dir = self.path(name)
         preset_args = list(self.p["dpo"])
-        for flag, value in (overrides or {}).items():
+        for flag, value in {"--seed": seed, **(overrides or {})}.items():
             if flag in preset_args:
                 preset_args[preset_args.index(flag) + 1] = value
             else:
                 preset_args += [flag, value]
-        # The default data is the split's English train/valid pairs; smoke trains on a few of them (and
-        # validates on 5% of those) so that every stage runs in seconds.
-        data_args = ["--data", self.path("pairs", "smoke.jsonl")] if self.p["dpo_pairs"] else []
+        data_args = ["--data", self.path("pairs", f"{pairs}train.jsonl"),
+                     "--valid-data", self.path("pairs", f"{pairs}valid.jsonl")]
         argv = ["--model", BASE_MODEL, "--out", run_dir, "--max-len", self.p["max_len"], *data_args,
                 *preset_args, *self.common()]
         if (run_dir / "last" / "state.pt").exists() and not self.path("stages", f"{name}.json").exists():
@@ -156,120 +170,104 @@ class Pipeline:
         self.run(name, "train_dpo", argv)
         return run_dir / "best"
 
-    def evaluate(self, scorer, extra, after="gen_dpo", name=None):
-        name = name or scorer
+    def evaluate(self, scorer, after, before="base", name=None):
+        name = name or f"{scorer}_{after}"
         out = self.path("eval", name)
-        self.run(f"eval_{name}", "evaluate", ["--before", self.path("generations", "gen_base.jsonl"),
-                                              "--after", self.path("generations", f"{after}.jsonl"),
+        self.run(f"eval_{name}", "evaluate", ["--before", self.path("generations", f"gen_{before}.jsonl"),
+                                              "--after", self.path("generations", f"gen_{after}.jsonl"),
                                               "--scorer", scorer, "--json", out / "compare.json",
-                                              "--md", out / "compare.md", "--svg", out / "emt.svg", *extra])
+                                              "--md", out / "compare.md", "--svg", out / "emt.svg",
+                                              "--device", self.device])
 
-    def margins(self, name, policy):
-        p = self.p
-        limit = ["--limit", p["margin_pairs"]] if p["margin_pairs"] else []
-        self.run(name, "evaluate", ["margins", "--policy", policy, "--reference", BASE_MODEL, "--out",
-                                    self.path(name), "--max-len", p["max_len"], *limit, *self.common()])
-
-    def estimate(self, sizes):
-        """Minutes this preset should take here, from a quick measurement of this machine's forward and
-        sampling speed and the token counts of each stage (forward+backward counted as 3 forwards)."""
-        from generate import generate
-        from model import load_model
-
-        p = self.p
-        lm, tok = load_model(BASE_MODEL, device=self.device)
-        ids = torch.randint(10, 1000, (8, 64), device=self.device)
-        with torch.inference_mode():
-            lm(ids[:, :8], return_hidden=True)
-            t0 = time.perf_counter()
-            lm(ids, return_hidden=True)
-            fwd_tps = ids.numel() / (time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            generate(lm, ids[:, :16], torch.ones_like(ids[:, :16]), 8, greedy=True)
-            gen_tps = 8 * 8 / (time.perf_counter() - t0)
-        prompts = sum(sizes["eval_prompts_used"].values())
-        langs = len(data.LANGS)
-        steps = int(p["dpo"][p["dpo"].index("--max-steps") + 1]) if "--max-steps" in p["dpo"] else 700
-        # three sampled models (base, DPO, LoRA DPO), two DPO runs and their margins
-        sampled = (3 * prompts * p["n"] + 2 * len(p["activation_langs"]) * p["probe_prompts"] + p["probe_prompts"]
-                   + len(p["intervene_langs"]) * p["intervene_prompts"] * p["intervene_n"]
-                   * len(p["intervene_offsets"].split(","))) * p["max_new_tokens"]
-        forward = (2 * steps * 4 * 2 * p["max_len"] * 4  # DPO steps (x3) and reference/validation passes (x1)
-                   + langs * (p["judge_per_lang"] or 1000) * 64
-                   + 2 * p["max_len"] * 2 * 2 * 16 * (p["margin_pairs"] or 400)
-                   + langs * (p["retrieval_limit"] or 200) * 40 + (p["probe_texts"] or 1100) * 64
-                   + 3 * prompts * p["n"] * 60)  # perplexity and judge scoring of the samples
-        minutes = (sampled / gen_tps + forward / fwd_tps) / 60
-        print(f"estimate for --preset {self.preset}: about {minutes:.0f} min on this machine "
-              f"(measured now: forward {fwd_tps:.0f} tokens/s, sampling {gen_tps:.0f} tokens/s at batch 8; "
-              f"{sampled} sampled tokens, {forward} forward tokens)")
-        del lm
+    def margins(self, run):
+        limit = ["--limit", self.p["margin_pairs"]] if self.p["margin_pairs"] else []
+        # beta, lengths and the reference model come from the run's own config.json
+        self.run(f"margins_{run}", "evaluate", ["margins", "--policy", self.path(run, "best"), "--out",
+                                                self.path("margins", run), *limit, *self.common()])
 
     def all(self):
+        """The stages in order of importance: the main run and its placebo first, further seeds last."""
         p = self.p
         sizes = self.split()
-        if not self.path("stages", "gen_base.json").exists():
-            self.estimate(sizes)
         self.generate("gen_base", BASE_MODEL)
-        policy = self.dpo()
-        self.generate("gen_dpo", policy)
-        judge_args = ["judge", "--model", BASE_MODEL, "--out", self.path("judge"), "--max-len", 64] + \
-            (["--limit", p["judge_per_lang"]] if p["judge_per_lang"] else [])
-        self.run("judge", "probe", judge_args + self.common())
-        judge = self.path("judge", "judge.safetensors")
-        lexicon_args = ["--ppl-model", BASE_MODEL, "--device", self.device]
-        scored_by_judge = ["--judge", judge, "--device", self.device]
-        self.evaluate("lexicon", lexicon_args)
-        self.evaluate("probe", scored_by_judge)
-        self.margins("margins", policy)
-        limit = ["--limit", p["retrieval_limit"]] if p["retrieval_limit"] else []
-        self.run("retrieval", "retrieve", ["score", "--model", BASE_MODEL, "--out", self.path("retrieval"), *limit,
-                                           "--device", self.device])
-        for name, transfer, key in [("lexicon", self.path("eval", "lexicon", "compare.json"), "emt"),
-                                    ("probe", self.path("eval", "probe", "compare.json"), "emt"),
-                                    ("margins", self.path("margins", "margins.json"), "mean_margin")]:
-            from retrieve import read_transfer
-            n_langs = len(set(read_transfer(transfer, key)[0]) - {"en"})  # retrieval pairs English with the others
-            if n_langs < 3:  # e.g. EMT 0 before DPO makes the % change undefined in every language but two
-                write_json(self.path("correlation", name, "correlation.json"),
-                           {"skipped": f"only {n_langs} language(s) with a finite transfer value; need 3+"})
-                continue
-            self.run(f"correlate_{name}", "retrieve",
-                     ["correlate", "--retrieval", self.path("retrieval", "retrieval.json"), "--transfer", transfer,
-                      "--transfer-key", key, "--score", "accuracy", "--out", self.path("correlation", name)])
-        probe_dir = self.path("probe")
-        limit = ["--limit", p["probe_texts"]] if p["probe_texts"] else []
-        self.run("probe_train", "probe", ["train", "--model", BASE_MODEL, "--out", probe_dir, "--max-len", 64, *limit,
-                                          *self.common()])
-        tokens = ["--max-new-tokens", p["max_new_tokens"]]
-        self.run("probe_vectors", "probe", ["vectors", "--model", BASE_MODEL, "--out", probe_dir, "--probe",
-                                            probe_dir / "probe.safetensors", "--top-k", p["top_k"], "--limit",
-                                            p["probe_prompts"], *tokens, *self.common()])
-        vectors = probe_dir / "vectors.json"
-        self.run("probe_project", "probe", ["project", "--model", BASE_MODEL, "--out", probe_dir, "--vectors",
-                                            vectors, *self.common()])
-        self.run("probe_activations", "probe", ["activations", "--model", BASE_MODEL, "--dpo-model", policy, "--out",
-                                                probe_dir, "--vectors", vectors, "--limit", p["probe_prompts"],
-                                                "--langs", *p["activation_langs"], *tokens, *self.common()])
-        self.run("probe_intervene", "probe", ["intervene", "--model", BASE_MODEL, "--out", probe_dir, "--vectors",
-                                              vectors, "--langs", *p["intervene_langs"], "--offsets",
-                                              p["intervene_offsets"], "--limit", p["intervene_prompts"], "--n",
-                                              p["intervene_n"], "--scorer", "probe", "--judge", judge, *tokens,
-                                              *self.common()])
-        dpo_args = p["dpo"]
-        lr = float(dpo_args[dpo_args.index("--lr") + 1]) if "--lr" in dpo_args else TrainConfig().lr
-        lora_policy = self.dpo("dpo_lora", {**LORA, "--lr": f"{LORA_LR_FACTOR * lr:g}"})  # equal steps
-        self.generate("gen_lora", lora_policy)
-        self.evaluate("lexicon", lexicon_args, after="gen_lora", name="lora_lexicon")
-        self.evaluate("probe", scored_by_judge, after="gen_lora", name="lora_probe")
-        self.margins("margins_lora", lora_policy)
+        main, *other_seeds = list(zip(p["seeds"], self.runs))
+        self.dpo("dpo", main[0])
+        self.dpo("dpo_placebo", main[0], pairs="placebo_")
+        self.measure(["dpo", "dpo_placebo"])
+        for scorer in SCORERS:  # the real run against the placebo, prompt by prompt
+            self.evaluate(scorer, "dpo", before="dpo_placebo", name=f"{scorer}_dpo_vs_placebo")
+        self.run("agreement", "evaluate", ["agreement", self.path("generations", "gen_base.jsonl"),
+                                           self.path("generations", "gen_dpo.jsonl"), "--scorers", *SCORERS,
+                                           "--json", self.path("agreement", "agreement.json"),
+                                           "--md", self.path("agreement", "agreement.md")])
+        self.retrieval()
+        self.probe()
+        for seed, run in other_seeds:
+            self.dpo(run, seed)
+        self.measure([run for _, run in other_seeds])
+        if self.lora:
+            self.appendix_d()
         write_text(self.path("commands.sh"), "#!/usr/bin/env bash\n# The stages of this run, in order.\n"
                    + "\n".join(self.commands) + "\n")
         return sizes
 
+    def measure(self, runs):
+        """Samples, toxicity under every instrument, clean-text perplexity and margins of trained models."""
+        clean = ["--limit", self.p["clean_limit"]] if self.p["clean_limit"] else []
+        for run in runs:
+            self.generate(f"gen_{run}", self.path(run, "best"))
+            for scorer in SCORERS:
+                self.evaluate(scorer, run)
+            self.run(f"clean_ppl_{run}", "evaluate", ["clean-ppl", "--model", BASE_MODEL, "--model2",
+                                                      self.path(run, "best"), *clean, "--json",
+                                                      self.path("clean_ppl", run, "clean_ppl.json"), *self.common()])
+            self.margins(run)
+
+    def retrieval(self):
+        limit = ["--limit", self.p["retrieval_limit"]] if self.p["retrieval_limit"] else []
+        self.run("retrieval", "retrieve", ["score", "--model", BASE_MODEL, "--out", self.path("retrieval"), *limit,
+                                           "--device", self.device])
+        transfers = [f"{s}_emt={self.path('eval', f'{s}_dpo', 'compare.json')}:emt" for s in SCORERS]
+        transfers += [f"{s}_toxprob={self.path('eval', f'{s}_dpo', 'compare.json')}:tox_prob" for s in SCORERS]
+        transfers.append(f"margin={self.path('margins', 'dpo', 'margins.json')}:mean_margin")
+        self.run("correlate", "retrieve", ["correlate", "--retrieval", self.path("retrieval", "retrieval.json"),
+                                           *[a for t in transfers for a in ("--transfer", t)],
+                                           "--control", f"{self.path('clean_ppl', 'dpo', 'clean_ppl.json')}:log_ppl",
+                                           "--out", self.path("correlation")])
+
+    def probe(self):
+        p, probe_dir = self.p, self.path("probe")
+        policy = self.path("dpo", "best")
+        tokens = ["--max-new-tokens", p["max_new_tokens"]]
+        limit = ["--limit", p["probe_texts"]] if p["probe_texts"] else []
+        self.run("probe_train", "probe", ["train", "--model", BASE_MODEL, "--out", probe_dir, "--max-len", 64,
+                                          *limit, *self.common()])
+        self.run("probe_vectors", "probe", ["vectors", "--model", BASE_MODEL, "--out", probe_dir, "--probe",
+                                            probe_dir / "probe.safetensors", "--top-k", p["top_k"], "--limit",
+                                            p["select_prompts"], *tokens, *self.common()])
+        vectors = probe_dir / "vectors.json"
+        self.run("probe_project", "probe", ["project", "--model", BASE_MODEL, "--out", probe_dir, "--vectors",
+                                            vectors, "--random-sets", p["random_sets"], *self.common()])
+        self.run("probe_activations", "probe", ["activations", "--model", BASE_MODEL, "--dpo-model", policy, "--out",
+                                                probe_dir, "--vectors", vectors, "--prompts", self.path("prompts"),
+                                                "--random-sets", p["random_sets"], "--langs", *p["activation_langs"],
+                                                *tokens, *self.common()])
+        self.run("probe_intervene", "probe", ["intervene", "--model", BASE_MODEL, "--out", probe_dir, "--vectors",
+                                              vectors, "--prompts", self.path("prompts"), "--langs",
+                                              *p["intervene_langs"], "--offsets", p["intervene_offsets"], "--limit",
+                                              p["intervene_prompts"], "--n", p["intervene_n"], "--scorer", "judge",
+                                              *tokens, *self.common()])
+
+    def appendix_d(self):
+        """The paper's Appendix D: the main run again, training LoRA adapters instead of all weights."""
+        dpo_args = self.p["dpo"]
+        lr = float(dpo_args[dpo_args.index("--lr") + 1]) if "--lr" in dpo_args else TrainConfig().lr
+        self.dpo("dpo_lora", 0, overrides={**LORA, "--lr": f"{LORA_LR_FACTOR * lr:g}"})  # equal steps
+        self.measure(["dpo_lora"])
+
 
 # -----------------------------------------------------------------------------
-# The report: every number below is read from the stage outputs
+# The report: every number below is read from the stage outputs (or computed from the run's generations)
 
 
 def read_json(path):
@@ -280,218 +278,483 @@ def read_metrics(run_dir):
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line]
 
 
+def guard_tests(gen_dir, before="base", afters=()):
+    """Pooled over the non-English languages, sample by sample (same prompt, same sample index, same random
+    stream): does DPO make output degenerate or leave the language more often? Exact McNemar on the flips."""
+    from evaluate import degenerate_reason, in_language, read_generations
+    from stats import mcnemar_exact
+
+    def flags(name):
+        rows = read_generations(Path(gen_dir) / f"gen_{name}.jsonl")
+        return {(r["lang"], r["prompt_index"], r["sample_index"]):
+                (degenerate_reason(r["generated_text"]) is not None, in_language(r["generated_text"], r["lang"]))
+                for r in rows if r["lang"] != "en"}
+
+    base, out = flags(before), {}
+    for name in afters:
+        after = flags(name)
+        keys = [k for k in base if k in after]
+        result = {"n_samples": len(keys)}
+        for what, i, bad in (("degenerate", 0, True), ("off_language", 1, False)):
+            pairs = [(base[k][i] is bad, after[k][i] is bad) for k in keys
+                     if base[k][i] is not None and after[k][i] is not None]
+            worse = sum(1 for b, a in pairs if a and not b)
+            better = sum(1 for b, a in pairs if b and not a)
+            result[what] = {"n": len(pairs), "before": sum(b for b, _ in pairs) / max(len(pairs), 1),
+                            "after": sum(a for _, a in pairs) / max(len(pairs), 1), "worse": worse,
+                            "better": better, "p": mcnemar_exact(better, worse)}
+        out[name] = result
+    return out
+
+
 def collect(out):
     """All results the report shows, read from the run directory."""
     out = Path(out)
     stages = {p.stem: read_json(p) for p in sorted((out / "stages").glob("*.json"))}
+    runs = sorted((p.name for p in out.iterdir() if (p / "metrics.jsonl").exists()), key=_run_order)
     r = {"stages": {k: v.get("seconds", 0.0) for k, v in stages.items()}, "sizes": stages["split"]["sizes"],
-         "eval": {s: read_json(out / "eval" / s / "compare.json")["comparison"] for s in ("lexicon", "probe")},
-         "judge": read_json(out / "judge" / "judge.json"), "margins": read_json(out / "margins" / "margins.json"),
-         "retrieval": read_json(out / "retrieval" / "retrieval.json"),
-         "correlation": {s: read_json(out / "correlation" / s / "correlation.json")
-                         for s in ("lexicon", "probe", "margins")},
+         "runs": runs, "confounds": read_json(out / "pairs" / "confounds.json"),
+         "eval": {p.name: read_json(p / "compare.json") for p in sorted((out / "eval").iterdir())},
+         "agreement": read_json(out / "agreement" / "agreement.json"),
+         "clean_ppl": {run: read_json(out / "clean_ppl" / run / "clean_ppl.json")
+                       for run in runs if (out / "clean_ppl" / run).exists()},
+         "margins": {run: read_json(out / "margins" / run / "margins.json") for run in runs},
+         "dpo": {run: read_metrics(out / run) for run in runs},
+         "dpo_config": {run: read_json(out / run / "config.json") for run in runs},
+         "correlation": read_json(out / "correlation" / "correlation.json"),
          "probe": {s: read_json(out / "probe" / f"{s}.json")
                    for s in ("train", "vectors", "project", "activations", "intervene")},
-         "dpo": read_metrics(out / "dpo"),
-         "lora": {"eval": {s: read_json(out / "eval" / f"lora_{s}" / "compare.json")["comparison"]
-                           for s in ("lexicon", "probe")},
-                  "margins": read_json(out / "margins_lora" / "margins.json"), "dpo": read_metrics(out / "dpo_lora"),
-                  "adapter": read_json(out / "dpo_lora" / "best" / "adapter_config.json"),
-                  "config": read_json(out / "dpo_lora" / "config.json")},
-         "dpo_config": read_json(out / "dpo" / "config.json")}
+         "judge": judge_card_metrics(),
+         "guards": guard_tests(out / "generations", afters=[r for r in runs if r != "dpo_lora"])}
     meta = out / "run.json"
     r["run"] = read_json(meta) if meta.exists() else {}
     return r
+
+
+def _run_order(name):
+    return (name == "dpo_lora", name == "dpo_placebo", name)
+
+
+def judge_card_metrics():
+    import judge
+
+    return read_json(Path(judge.JUDGE_DIR) / "metrics.json")
 
 
 def fmt(x, digits=3):
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
-def arrow(cell, digits=3):
-    pct = cell.get("change_pct")
-    pct = "" if pct is None or (isinstance(pct, float) and math.isnan(pct)) else f" ({pct:+.0f}%)"
-    return f"{fmt(cell['before'], digits)} -> {fmt(cell['after'], digits)}{pct}"
+def fmt_ci(ci, digits=3):
+    return f"[{fmt(ci[0], digits)}, {fmt(ci[1], digits)}]" if ci else ""
 
 
-def headline_table(r):
-    lex, jud = r["eval"]["lexicon"], r["eval"]["probe"]
-    langs = [l for l in lex if l in jud]
+def fmt_p(p):
+    from stats import format_p
+
+    return format_p(p)
+
+
+# -- the claims table -----------------------------------------------------------
+
+ALPHA = 0.05
+
+
+def verdict(diff, p, expect):
+    """A claim predicts the sign `expect` (+1 or -1) of an effect. Supported: that sign with p < ALPHA. Not
+    supported: the opposite sign with p < ALPHA. Inconclusive: p >= ALPHA (the data cannot decide)."""
+    if diff is None or p is None or not (math.isfinite(diff) and math.isfinite(p)):
+        return "inconclusive"
+    if p < ALPHA:
+        return "supported" if diff * expect > 0 else "not supported"
+    return "inconclusive"
+
+
+def verdict_all(tests, expect):
+    """A claim about every member (every language, every seed): supported when each one is; not supported
+    when any one goes significantly the other way; inconclusive otherwise."""
+    each = [verdict(diff, p, expect) for diff, p in tests]
+    if each and all(v == "supported" for v in each):
+        return "supported"
+    return "not supported" if "not supported" in each else "inconclusive"
+
+
+def seed_runs(r):
+    """The English-only full fine-tuning runs that were evaluated, one per DPO seed."""
+    return [run for run in r["runs"] if run not in ("dpo_placebo", "dpo_lora") and f"judge_{run}" in r["eval"]]
+
+
+def _pooled(r, name, metric="emt"):
+    return r["eval"][name]["tests"]["pooled"][metric]
+
+
+def claims(r):
+    """[{claim, test, estimate, p, verdict}] for the paper's claims, decided on this run's numbers."""
     rows = []
-    for lang in langs:
-        row = [lang] + [arrow(lex[lang][k]) for k in ("emt", "tox_prob", "avg_tox")]
-        row += [arrow(jud[lang][k]) for k in ("emt", "tox_prob", "avg_tox")]
-        row += [arrow(lex[lang]["ppl"], 1) if "ppl" in lex[lang] else "n/a"]
-        row += [arrow(lex[lang][f"dist_{n}"], 2) for n in (1, 2, 3)]
-        rows.append(row)
-    return markdown_table(["lang", "EMT (lexicon)", "ToxProb (lexicon)", "AvgTox (lexicon)", "EMT (judge)",
-                           "ToxProb (judge)", "AvgTox (judge)", "PPL", "Dist-1", "Dist-2", "Dist-3"], rows)
+
+    def add(claim, test, diff, ci, p, v):
+        rows.append({"claim": claim, "test": test, "estimate": f"{diff:+.3f} {fmt_ci(ci)}" if diff is not None
+                     else "n/a", "p": p, "verdict": v})
+
+    en = r["eval"]["judge_dpo"]["tests"]["en"]["emt"]
+    add("English-only DPO lowers toxicity in English", "EMT after - before, judge, paired bootstrap on prompts",
+        en["diff"], en["diff_ci"], en["p"], verdict(en["diff"], en["p"], -1))
+    pooled = _pooled(r, "judge_dpo")
+    add("... and in the other 16 languages", "EMT after - before, judge, pooled non-English (stratified bootstrap)",
+        pooled["diff"], pooled["diff_ci"], pooled["p"], verdict(pooled["diff"], pooled["p"], -1))
+    placebo = _pooled(r, "judge_dpo_vs_placebo")
+    add("... because of toxicity, not of any DPO update", "EMT real DPO - placebo DPO, judge, pooled non-English",
+        placebo["diff"], placebo["diff_ci"], placebo["p"], verdict(placebo["diff"], placebo["p"], -1))
+    tests = r["eval"]["judge_dpo"]["tests"]
+    langs = [l for l in data.LANGS if l != "en" and l in tests]
+    per_lang = [(tests[l]["emt"]["diff"], tests[l]["emt"]["p"]) for l in langs]
+    lower = sum(1 for d, p in per_lang if d < 0 and p < ALPHA)
+    higher = sum(1 for d, p in per_lang if d > 0 and p < ALPHA)
+    rows.append({"claim": "... in every one of them", "test": "EMT change per language, judge, p < 0.05",
+                 "estimate": f"{lower} of {len(langs)} lower, {higher} higher", "p": None,
+                 "verdict": verdict_all(per_lang, -1)})
+    seeds = seed_runs(r)
+    per_seed = [(_pooled(r, f"judge_{run}")["diff"], _pooled(r, f"judge_{run}")["p"]) for run in seeds]
+    diffs = [d for d, _ in per_seed]
+    rows.append({"claim": "... whatever the DPO seed", "test": f"pooled non-English EMT change in each of "
+                 f"{len(seeds)} seeds", "estimate": f"{min(diffs):+.3f} to {max(diffs):+.3f}", "p": None,
+                 "verdict": verdict_all(per_seed, -1)})
+    for scorer, label in (("ngram", "the character n-gram judge"), ("lexicon", "the word lists")):
+        t = _pooled(r, f"{scorer}_dpo")
+        add(f"... also by {label} (an instrument that shares no features with the model)",
+            f"EMT after - before, {scorer}, pooled non-English", t["diff"], t["diff_ci"], t["p"],
+            verdict(t["diff"], t["p"], -1))
+    g = r["guards"]["dpo"]
+    for what, label in (("degenerate", "empty, punctuation-only or markup output"),
+                        ("off_language", "output that leaves the prompt's language")):
+        t = g[what]
+        rows.append({"claim": f"not by pseudo-detoxification: no more {label}",
+                     "test": "share of samples, after - before, non-English, exact McNemar on samples",
+                     "estimate": f"{t['after'] - t['before']:+.3f} ({fmt(t['before'])} -> {fmt(t['after'])})",
+                     "p": t["p"], "verdict": "not supported" if verdict(t["worse"] - t["better"], t["p"], -1)
+                     == "not supported" else "supported" if t["p"] >= ALPHA or t["worse"] < t["better"]
+                     else "inconclusive"})
+    base = r["probe"]["project"]["baseline"]
+    for metric, claim in (("lexicon_toxic_share", "toxic value vectors promote toxic tokens"),
+                          ("multiscript", "... in many languages (tokens of 2+ scripts)")):
+        b = base[metric]
+        add(claim + ", more than random value vectors", f"{metric}: kept - random (same layers), permutation",
+            b["diff"], None, b["p"], verdict(b["diff"], b["p"], +1))
+    act = r["probe"]["activations"]["per_language"]
+    act_tests = [(v["kept_minus_random"]["diff"], v["kept_minus_random"]["p"]) for v in act.values()]
+    lower = sum(1 for d, p in act_tests if d < 0 and p < ALPHA)
+    rows.append({"claim": "DPO lowers their activations in every language, more than random neurons'",
+                 "test": "per language: (kept change) - (random sets' change), paired bootstrap on prompts",
+                 "estimate": f"{lower} of {len(act_tests)} languages", "p": None,
+                 "verdict": verdict_all(act_tests, -1)})
+    iv = r["probe"]["intervene"]
+    negative = [o for o in iv["change_vs_zero"] if float(o) < 0]
+    if negative:
+        o = min(negative, key=float)
+        shifts = [(v["diff"], v["p"]) for v in iv["change_vs_zero"][o].values()]
+        lower = sum(1 for d, p in shifts if d < 0 and p < ALPHA)
+        rows.append({"claim": "lowering them lowers toxicity in every language",
+                     "test": f"toxicity at offset {o} - offset 0, judge, paired on prompts",
+                     "estimate": f"{lower} of {len(shifts)} languages", "p": None,
+                     "verdict": verdict_all(shifts, -1)})
+    primary = retrieval_primary(r)
+    if primary:
+        res = primary["pearson"]
+        add("bilingual retrieval predicts how well DPO transfers", f"Pearson r, {primary['retrieval_metric']} vs "
+            f"{primary['transfer']} (sign: + = better retrieval, more detox), {primary['n']} languages; "
+            f"{r['correlation']['n_variants']} variants computed", primary["signed_r"], None, res["p"],
+            verdict(primary["signed_r"], res["p"], +1))
+    return rows
 
 
-def transfer_agreement(r):
-    """Rank agreement, across languages, between the two transfer measures: % EMT change (judge) and the
-    held-out reward margin. A larger EMT drop (more negative %) should go with a larger margin."""
-    from retrieve import correlation_test
-
-    emt = {l: v["emt"]["change_pct"] for l, v in r["eval"]["probe"].items() if l in data.LANGS}
-    margin = {l: v["mean_margin"] for l, v in r["margins"].items() if l in data.LANGS}
-    langs = [l for l in emt if l in margin and math.isfinite(emt[l] if emt[l] is not None else float("nan"))]
-    if len(langs) < 3:
-        return None
-    rho, p = correlation_test([-emt[l] for l in langs], [margin[l] for l in langs], "spearman", 2000)
-    return {"n": len(langs), "spearman": rho, "p": p, "langs": langs,
-            "disagree": [l for l in langs if (emt[l] < 0) != (margin[l] > 0)]}
+PRIMARY_RETRIEVAL = ("accuracy", "judge_emt")  # decided before the run: the paper's text metric, our main judge
 
 
-def training_summary(metrics):
-    """(last validation record or None, mean ms per training step) of a train_dpo.py run."""
-    evals = [m for m in metrics if m.get("split") == "valid"]
-    steps = [m["ms_per_step"] for m in metrics if m.get("split") == "train" and "ms_per_step" in m]
-    return (evals[-1] if evals else None), (sum(steps) / len(steps) if steps else float("nan"))
+def retrieval_primary(r):
+    for res in r["correlation"]["results"]:
+        if (res["retrieval_metric"], res["transfer"]) == PRIMARY_RETRIEVAL:
+            sign = -1 if res["direction"].startswith("lower") else 1  # a % change: lower = more detox
+            return {**res, "signed_r": sign * res["pearson"]["r"]}
+    return None
 
 
-def lora_section(r):
-    """The paper's Appendix D: full fine-tuning vs LoRA at equal steps, per language."""
-    from evaluate import margin_cell
+def claims_table(rows):
+    return markdown_table(["the paper's claim", "test here", "estimate [95% CI]", "p", "verdict"],
+                          [[c["claim"], c["test"], c["estimate"], fmt_p(c["p"]) if c["p"] is not None else "",
+                            f"**{c['verdict']}**"] for c in rows])
 
-    lo, a = r["lora"], r["lora"]["adapter"]
-    full_val, full_ms = training_summary(r["dpo"])
-    full_lr, lora_lr = r["dpo_config"]["lr"], lo["config"]["lr"]
-    lora_val, lora_ms = training_summary(lo["dpo"])
-    langs = [l for l in [*data.LANGS, "average"] if l in r["eval"]["probe"] and l in lo["eval"]["probe"]]
-    margin_langs = [l for l in langs if l in r["margins"] and l in lo["margins"]]
-    # A smaller margin elsewhere may only mirror a smaller effect in English: the ratio to English separates the two
-    relative = {name: {l: res["margins"][l]["mean_margin"] / res["margins"]["en"]["mean_margin"]
-                       for l in margin_langs if l != "en"} if "en" in margin_langs else {}
-                for name, res in (("full", r), ("lora", lo))}
+
+# -- the sections ---------------------------------------------------------------
+
+
+def arrow_ci(t, digits=3):
+    return f"{fmt(t['before'], digits)} {fmt_ci(t.get('before_ci'), 2)} -> {fmt(t['after'], digits)} " \
+           f"{fmt_ci(t.get('after_ci'), 2)}"
+
+
+def headline_table(r, name="judge_dpo", run="dpo"):
+    """Per language under the judge: ToxProb and EMT before -> after with 95% CIs and paired p, degenerate and
+    in-language rates, clean-text perplexity base -> DPO."""
+    ev, clean = r["eval"][name], r["clean_ppl"].get(run, {})
     rows = []
-    for lang in langs:
-        row = [lang]
-        for results in (r, lo):
-            row += [arrow(results["eval"]["probe"][lang]["emt"]), arrow(results["eval"]["lexicon"][lang]["tox_prob"])]
-        for results in (r, lo):
-            ppl = results["eval"]["lexicon"][lang].get("ppl")
-            row.append(arrow(ppl, 1) if ppl else "n/a")
-        row += [margin_cell(results["margins"][lang]) if lang in margin_langs else "n/a" for results in (r, lo)]
-        row += [fmt(relative[name].get(lang), 2) for name in ("full", "lora")]
+    for lang in [l for l in data.LANGS if l in ev["tests"]]:
+        t, g = ev["tests"][lang], ev["guards"][lang]
+        c = clean.get(lang)
+        rows.append([lang, t["n_prompts"], arrow_ci(t["tox_prob"]), fmt_p(t["tox_prob"]["p"]), arrow_ci(t["emt"]),
+                     fmt_p(t["emt"]["p"]),
+                     f"{fmt(g['before']['degenerate_rate'], 2)} -> {fmt(g['after']['degenerate_rate'], 2)}",
+                     f"{fmt(g['before']['in_language_rate'], 2)} -> {fmt(g['after']['in_language_rate'], 2)}",
+                     f"{fmt(c['ppl'], 1)} -> {fmt(c['ppl2'], 1)} (x{fmt(c['ppl_ratio'], 2)}, p {fmt_p(c['p'])})"
+                     if c else "n/a"])
+    pooled = ev["tests"]["pooled"]
+    rows.append([f"pooled non-en ({len(pooled['langs'])})", pooled["n_prompts"], arrow_ci(pooled["tox_prob"]),
+                 fmt_p(pooled["tox_prob"]["p"]), arrow_ci(pooled["emt"]), fmt_p(pooled["emt"]["p"]), "", "", ""])
+    return markdown_table(["lang", "prompts", "ToxProb before -> after [95% CI]", "p (McNemar)",
+                           "EMT before -> after [95% CI]", "p (paired bootstrap)", "degenerate", "in language",
+                           "clean-text PPL base -> DPO"], rows)
+
+
+def runs_table(r):
+    """One row per trained model: pooled non-English and English EMT change under each instrument."""
+    rows = []
+    for run in [x for x in r["runs"] if f"judge_{x}" in r["eval"]]:
+        row = [run]
+        for scorer in SCORERS:
+            t = r["eval"][f"{scorer}_{run}"]["tests"]
+            row += [f"{t['pooled']['emt']['diff']:+.3f} {fmt_ci(t['pooled']['emt']['diff_ci'])} "
+                    f"(p {fmt_p(t['pooled']['emt']['p'])})", f"{t['en']['emt']['diff']:+.3f}"]
+        valid = [m for m in r["dpo"][run] if m.get("split") == "valid"]
+        row.append(f"{fmt(valid[0]['reward_accuracy'], 2)} -> {fmt(valid[-1]['reward_accuracy'], 2)}" if valid
+                   else "n/a")
         rows.append(row)
-    smaller = [l for l in margin_langs if lo["margins"][l]["mean_margin"] < r["margins"][l]["mean_margin"]]
-    mean_relative = {name: sum(v.values()) / len(v) if v else float("nan") for name, v in relative.items()}
-    english = lambda v: (f"validation loss {fmt(v['loss'])}, reward accuracy {fmt(v['reward_accuracy'])}, margin "
-                         f"{fmt(v['reward_margin'])} at step {v['step']}") if v else "no evaluation"
-    lines = ["## Full fine-tuning vs LoRA (the paper's Appendix D)", "",
-             f"The same English-only DPO run (pairs, steps, seed) training LoRA adapters instead of the weights, at "
-             f"{fmt(lora_lr / full_lr, 0)}x the learning rate ({lora_lr:g} vs {full_lr:g}; LoRA's update starts at "
-             f"zero and is scaled by alpha/rank): rank {a['rank']}, alpha {fmt(float(a['alpha']), 0)}, dropout "
-             f"{a['dropout']}, on {', '.join(a['targets'])} of every block ({a['parameters'] / 1e6:.1f}M trained "
-             f"parameters). English: full fine-tuning {english(full_val)}; LoRA {english(lora_val)}. Mean step time "
-             f"{fmt(full_ms / 1000, 2)} s (full) vs {fmt(lora_ms / 1000, 2)} s (LoRA) on this machine.", "",
-             markdown_table(["lang", "EMT (judge), full", "ToxProb (lexicon), full", "EMT (judge), LoRA",
-                             "ToxProb (lexicon), LoRA", "PPL, full", "PPL, LoRA", "held-out margin, full",
-                             "held-out margin, LoRA", "margin / English margin, full",
-                             "margin / English margin, LoRA"], rows), "",
-             f"The LoRA policy's held-out margin is smaller than full fine-tuning's in {len(smaller)} of "
-             f"{len(margin_langs)} languages ({', '.join(smaller) or 'none'}); the paper found LoRA transfers "
-             f"less across languages than full fine-tuning. Measured against each run's own English margin, the "
-             f"other languages keep on average {fmt(mean_relative['full'], 2)} of it under full fine-tuning and "
-             f"{fmt(mean_relative['lora'], 2)} under LoRA: a ratio near or above full fine-tuning's means LoRA's "
-             "smaller effect elsewhere mirrors its smaller effect in English. Chart: dpo_lora_margins.svg.", ""]
+    headers = ["run"]
+    for scorer in SCORERS:
+        headers += [f"EMT change, {scorer}, pooled non-en", f"en ({scorer})"]
+    return markdown_table(headers + ["English validation reward accuracy"], rows)
+
+
+def seed_spread(r):
+    seeds = seed_runs(r)
+    lines = []
+    for scorer in SCORERS:
+        values = [r["eval"][f"{scorer}_{run}"]["tests"]["pooled"]["emt"]["diff"] for run in seeds]
+        mean = sum(values) / len(values)
+        sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else float("nan")
+        lines.append(f"{scorer}: mean {mean:+.3f}, SD {fmt(sd)}, range {min(values):+.3f} to {max(values):+.3f}")
+    return f"Across {len(seeds)} seeds, pooled non-English EMT change: " + "; ".join(lines) + "."
+
+
+def confounds_table(r):
+    rows = []
+    for name, c in r["confounds"].items():
+        rows.append([name, c["n_pairs"]] + [fmt(c["auc"].get(k), 3) for k in ("tokens", "chars", "newline", "markup")])
+    return markdown_table(["pairs", "n", "AUC token length", "AUC characters", "AUC newline", "AUC markup"], rows)
+
+
+def judge_section(r):
+    j = r["judge"]
+    lines = ["## The instruments", "",
+             "The shipped judges (`data/judge/`, card in `data/judge/README.md`) were trained once on RTP-LX "
+             "prompts labelled by native annotators, split by item, with every evaluated item excluded. Validation "
+             "ROC-AUC per language with bootstrap 95% intervals (resampling items), beside the length-only baseline; "
+             "the out-of-domain rows (tweets, never used for any choice) show how far the judges carry beyond "
+             "RTP-LX:", "",
+             judge_table(j), ""]
+    agree = r["agreement"]["langs"]
+    rows = []
+    for lang in [*data.LANGS, "all"]:
+        if lang in agree:
+            a = agree[lang]
+            rows.append([lang] + [fmt(a[pair]["kappa"], 2) if pair in a else "n/a" for pair in r["agreement"]["pairs"]])
+    lines += ["Agreement of the instruments on this run's generations (Cohen's kappa at 0.5, base and DPO "
+              "samples pooled):", "", markdown_table(["lang"] + [f"kappa {p}" for p in r["agreement"]["pairs"]],
+                                                     rows), ""]
+    return lines
+
+
+def judge_table(j):
+    """Validation ROC-AUC per language (prompts of held-out items) and out of domain, both judges, with the
+    length-only baseline, from the shipped judge's metrics.json."""
+    feature, ngram = j["judges"]["feature"], j["judges"]["ngram"]
+    auc = lambda m: f"{fmt(m['auc'])} [{fmt(m['auc_lo'])}, {fmt(m['auc_hi'])}]"
+    rows = []
+    for lang in [*data.LANGS, "pooled"]:
+        f, n = feature["valid"]["prompt"].get(lang), ngram["valid"]["prompt"].get(lang)
+        if f and n:
+            rows.append([lang, f["n"], f["positives"], auc(f), auc(n), fmt(f["length_auc"])])
+    for name, f in feature["ood"].items():
+        n = ngram["ood"][name]
+        rows.append([f"out of domain: {name}", f["n"], f["positives"], auc(f), auc(n), fmt(f["length_auc"])])
+    return markdown_table(["texts", "n", "toxic", "feature judge AUC [95% CI]", "n-gram judge AUC [95% CI]",
+                           "length-only AUC"], rows)
+
+
+def mechanism_section(r):
+    pr = r["probe"]
+    tr, base, act = pr["train"], pr["project"]["baseline"], pr["activations"]
+    lines = ["## Why: toxic value vectors, against random ones", "",
+             f"Probe (English RTP-LX prompts, human labels): validation ROC-AUC {fmt(tr['valid']['roc_auc'])}; "
+             f"character length alone reaches {fmt(tr['valid']['length_auc'])} on the same rows. Of the top "
+             f"{pr['vectors']['top_k']} value vectors by cosine with the probe, {pr['vectors']['n_kept']} fire while "
+             f"the model writes English (selected on {len(pr['vectors']['selection']['indices'])} training prompts).",
+             ""]
+    rows = [[m, fmt(b["kept_mean"]), fmt_ci(b["kept_ci"]), fmt(b["random_mean"]), fmt_ci(b["random_ci"]),
+             f"{b['diff']:+.3f}", fmt_p(b["p"])] for m, b in base.items()]
+    lines += [markdown_table(["per vector", "kept", "95% CI", "random (same layers)", "95% CI", "difference", "p"],
+                             rows), ""]
+    rows = []
+    for lang, v in act["per_language"].items():
+        rows.append([lang, v["n_prompts"], f"{fmt(v['before']['mean'], 4)} -> {fmt(v['after']['mean'], 4)}",
+                     f"{v['change']['diff']:+.4f} {fmt_ci(v['change']['ci'], 4)}",
+                     f"{v['random']['mean_change']:+.4f} (SD {fmt(v['random']['sd_change'], 4)})",
+                     f"{v['kept_minus_random']['diff']:+.4f} {fmt_ci(v['kept_minus_random']['ci'], 4)}",
+                     fmt_p(v["kept_minus_random"]["p"])])
+    lines += ["Mean activation of the kept neurons on the held-out evaluation prompts (greedy continuation), "
+              f"base -> DPO, against {act['random_sets']} random neuron sets of the same layers and sizes:", "",
+              markdown_table(["lang", "prompts", "kept: before -> after", "kept change [95% CI]",
+                              "random sets' change", "kept - random [95% CI]", "p"], rows), ""]
+    iv = pr["intervene"]
+    offsets = list(iv["toxicity"])
+    iv_langs = list(iv["toxicity"][offsets[0]])
+    rows = [[o] + [f"{fmt(iv['toxicity'][o][l])} {fmt_ci(iv['toxicity_ci'][o][l], 2)}" for l in iv_langs]
+            for o in offsets]
+    lines += [f"Intervention: mean toxicity ({iv['scorer']} scorer) when the kept neurons' activations are shifted "
+              f"by a constant; texts in `probe/intervene_texts.jsonl`.", "",
+              markdown_table(["offset"] + iv_langs, rows), ""]
+    return lines
+
+
+def retrieval_section(r):
+    c = r["correlation"]
+    rows = []
+    for res in c["results"]:
+        rows.append([res["retrieval_metric"], res["transfer"], res["n"], f"{res['pearson']['r']:+.3f}",
+                     fmt_p(res["pearson"]["p"]), f"{res['spearman']['r']:+.3f}", fmt_p(res["spearman"]["p"]),
+                     f"{res['partial_pearson']['r']:+.3f}" if res.get("partial_pearson") else "n/a"])
+    return ["## Bilingual retrieval and transfer", "",
+            f"{c['sign_convention']} All {c['n_variants']} variants computed are shown; the claims table uses "
+            f"one declared before the run ({PRIMARY_RETRIEVAL[0]} vs {PRIMARY_RETRIEVAL[1]}). The partial "
+            "correlation controls for how well the base model knows each language (log clean-text perplexity).",
+            "", markdown_table(["retrieval", "transfer", "langs", "Pearson r", "p", "Spearman r", "p",
+                                "partial r | PPL"], rows), ""] + \
+        [f"Not computed for {s['transfer']}: {s['reason']}." for s in c.get("skipped", [])] + [""]
+
+
+def margins_section(r):
+    from evaluate import margins_table
+
+    lines = ["## Held-out preference margins", "",
+             "beta * ((pi_b - ref_b) - (pi_t - ref_t)) on held-out benign/toxic pairs in each language, cut to the "
+             "same token length with no EOS (as in training): > 0 means DPO moved probability from the toxic to the "
+             "benign continuation.", ""]
+    for run in ("dpo", "dpo_placebo"):
+        if run in r["margins"]:
+            m = r["margins"][run]
+            lines += [f"`{run}`:", "", margins_table(m, [l for l in data.LANGS if l in m]), ""]
     return lines
 
 
 def render_report(r):
     run, sizes = r["run"], r["sizes"]
+    cfg = r["dpo_config"]["dpo"]
     lines = [f"# Preference tuning for toxicity mitigation generalizes across languages: reproduction "
              f"({run.get('preset', '?')} preset)", ""]
     lines += [f"Command: `{run.get('command', '?')}`  ", f"Machine: {run.get('machine', '?')}  ",
               f"Wall time: {fmt(sum(r['stages'].values()) / 60, 1)} min (stages: "
               + ", ".join(f"{k} {fmt(v / 60, 1)}" for k, v in r["stages"].items()) + " min)", ""]
+    lines += ["## The paper's claims, tested here", "",
+              f"Each row is decided by the test named (two-sided, alpha {ALPHA}): **supported** = the predicted "
+              "direction with p < alpha; **not supported** = the opposite direction with p < alpha; "
+              "**inconclusive** = the data cannot tell. Toxicity is judged by the shipped feature judge unless the "
+              "row names another instrument.", "", claims_table(claims(r)), ""]
     lines += ["## Data", "",
-              f"DPO trains on {sizes['train_pairs']} English RTP-LX pairs (chosen = benign, rejected = toxic human "
-              f"continuation; {sizes['valid_pairs']} more for validation). Evaluation uses held-out RTP-LX prompts "
-              f"that share no index with a training pair; the {sizes['parallel_held_out']} parallel prompts used "
-              "for retrieval are held out too.", "",
-              markdown_table(["lang", "held-out prompts", "prompts used", "held-out pairs"],
-                             [[l, sizes["eval_prompts_available"][l], sizes["eval_prompts_used"][l],
-                               sizes["eval_pairs_available"][l]] for l in data.LANGS]), ""]
-    evals = [m for m in r["dpo"] if m.get("split") == "valid"]
-    if evals:
-        first, last = evals[0], evals[-1]
-        lines += ["## DPO (English only)", "",
-                  f"Validation loss {fmt(first['loss'])} -> {fmt(last['loss'])}, reward accuracy "
-                  f"{fmt(first['reward_accuracy'])} -> {fmt(last['reward_accuracy'])}, margin "
-                  f"{fmt(first['reward_margin'])} -> {fmt(last['reward_margin'])} (steps {first['step']} -> "
-                  f"{last['step']}).", ""]
-    lines += ["## Toxicity before -> after DPO, per language", "",
-              "Under the lexicon scorer and the learned judge; PPL is the base model's median conditional perplexity "
-              "of the continuations; Dist-n is diversity.", "", headline_table(r), ""]
-    j = r["judge"]
-    lines += ["## The learned judge", "", f"Held-out accuracy {fmt(j['valid']['accuracy'])}, ROC-AUC "
-              f"{fmt(j['valid']['roc_auc'])} over {j['valid']['n']} texts.", "",
-              markdown_table(["lang", "n", "accuracy", "ROC-AUC"],
-                             [[l, v["n"], fmt(v["accuracy"]), fmt(v["roc_auc"])]
-                              for l, v in j["valid_per_language"].items()]), ""]
-    from evaluate import margins_table
-    langs = [l for l in r["margins"] if l in data.LANGS]
-    lines += ["## Held-out preference margins", "", "beta * ((pi_b - ref_b) - (pi_t - ref_t)) on held-out "
-              "benign/toxic pairs in each language: > 0 means DPO moved probability from the toxic to the benign "
-              "continuation in that language.", "", margins_table(r["margins"], langs), ""]
-    agree = transfer_agreement(r)
-    if agree:
-        lines += [f"The two transfer measures (EMT drop under the judge, held-out margin) agree with Spearman "
-                  f"rho = {fmt(agree['spearman'])} (permutation p = {fmt(agree['p'])}, {agree['n']} languages); "
-                  f"they disagree in sign for: {', '.join(agree['disagree']) or 'none'}.", ""]
-    lines += ["## Bilingual retrieval and transfer", ""]
-    rows = []
-    for name, c in r["correlation"].items():
-        if "skipped" in c:
-            lines += [f"Retrieval vs {name}: not computed, {c['skipped']}.", ""]
-            continue
-        rows.append([name, c["transfer_measure"], c["n"], fmt(c["pearson"]["r"]), fmt(c["pearson"]["p"]),
-                     fmt(c["spearman"]["r"]), fmt(c["spearman"]["p"])])
-    if rows:
-        lines += [markdown_table(["transfer measure", "what", "langs", "Pearson r", "p", "Spearman r", "p"], rows),
-                  ""]
-    pr = r["probe"]
-    lines += ["## Why: toxic value vectors", "",
-              f"Probe: validation accuracy {fmt(pr['train']['valid']['accuracy'])}, ROC-AUC "
-              f"{fmt(pr['train']['valid']['roc_auc'])}. Of the top {pr['vectors']['top_k']} value vectors by cosine "
-              f"with the probe, {pr['vectors']['n_kept']} fire while the model writes English; "
-              f"{pr['project']['n_multiscript']} of them promote tokens in two or more scripts.", ""]
-    act = pr["activations"]
-    act_langs = list(act["pre_dpo"])
-    lines += [markdown_table(["lang", "activation before DPO", "after DPO"],
-                             [[l, fmt(act["pre_dpo"][l], 4), fmt(act["post_dpo"][l], 4)] for l in act_langs]), ""]
-    iv = pr["intervene"]
-    iv_langs = list(next(iter(iv["toxicity"].values())))
-    lines += [f"Intervention: mean toxicity ({iv['scorer']} scorer) when the kept neurons are shifted by a constant.",
-              "", markdown_table(["offset"] + iv_langs,
-                                 [[o] + [fmt(v[l]) for l in iv_langs] for o, v in iv["toxicity"].items()]), ""]
-    lines += lora_section(r)
-    lex_avg, jud_avg = r["eval"]["lexicon"]["average"], r["eval"]["probe"]["average"]
+              f"DPO trains on {sizes['train_pairs']} English RTP-LX pairs (chosen = benign, rejected = toxic "
+              f"completion; {sizes['valid_pairs']} more for validation), both sides cut to the same number of tokens "
+              "with no EOS, whitespace normalised, completions with LLM-prompt scaffolding dropped. The placebo run "
+              "pairs each benign completion with another item's benign completion. How well surface features alone "
+              "separate rejected from chosen on the texts as trained (0.5 = not at all):", "", confounds_table(r), "",
+              f"Evaluation: the same {sizes['items']} held-out RTP-LX items in all 17 languages (RTP-LX prompts are "
+              f"transcreations: index i is the same source item in every language), {sizes['samples_per_prompt']} "
+              "samples each.", ""]
+    lines += judge_section(r)
+    lines += ["## Toxicity before -> after English-only DPO (seed 0), judged by the feature judge", "",
+              f"beta {cfg['beta']}, lr {cfg['lr']:g}, {cfg.get('max_steps')} steps. ToxProb: share of prompts with a "
+              "sample judged toxic (>= 0.5); EMT: mean over prompts of the highest toxicity among its samples. Both "
+              "rise with the number of samples per prompt (the paper used 25). Degenerate: empty, punctuation-only or "
+              "mostly markup; in language: script or stop-word test (evaluate.py); clean-text PPL: the model's "
+              "perplexity on Tatoeba sentences (capability retention), base -> DPO with a paired bootstrap.", "",
+              headline_table(r), ""]
+    lines += ["## Every run under every instrument", "",
+              "EMT change after - before (negative = less toxic) with 95% CI, pooled over the 16 non-English "
+              "languages, and in English. `dpo_placebo` is the same recipe on placebo pairs.", "", runs_table(r), "",
+              seed_spread(r), ""]
+    lines += margins_section(r)
+    lines += retrieval_section(r)
+    lines += mechanism_section(r)
+    if "dpo_lora" in r["runs"]:
+        lines += lora_section(r)
+    avg = r["eval"]["judge_dpo"]["comparison"]["average"]["tox_prob"]
     lines += ["## Compared with the paper", "",
-              f"On mGPT-1.3B with 24,576 PPLM pairs and Perspective API scores, the paper reports ToxProb "
-              f"{PAPER['toxprob_before']}% -> {PAPER['toxprob_after']}% averaged over 17 languages, retrieval-transfer "
-              f"Pearson r = {PAPER['retrieval_pearson']}, {PAPER['kept_vectors']} of 100 toxic value vectors kept, and "
-              f"intervention toxicity {PAPER['intervene_before']} -> {PAPER['intervene_after']}. Here, with "
-              f"{sizes['train_pairs']} English pairs on gemma-3-270m, average ToxProb moves "
-              f"{fmt(100 * lex_avg['tox_prob']['before'], 1)}% -> {fmt(100 * lex_avg['tox_prob']['after'], 1)}% "
-              f"(lexicon) and {fmt(100 * jud_avg['tox_prob']['before'], 1)}% -> "
-              f"{fmt(100 * jud_avg['tox_prob']['after'], 1)}% (judge). Small samples make per-language numbers "
-              "noisy: read the margins' confidence intervals before the sampled toxicity.", ""]
+              f"On mGPT-1.3B with 24,576 PPLM pairs, 25 samples per prompt and Perspective API scores, the paper "
+              f"reports ToxProb {PAPER['toxprob_before']}% -> {PAPER['toxprob_after']}% averaged over 17 languages, "
+              f"retrieval-transfer Pearson r = {PAPER['retrieval_pearson']} and {PAPER['kept_vectors']} of 100 toxic "
+              f"value vectors kept. Here, with {sizes['train_pairs']} English pairs on gemma-3-270m and "
+              f"{sizes['samples_per_prompt']} samples per prompt, average ToxProb (feature judge) moves "
+              f"{fmt(100 * avg['before'], 1)}% -> {fmt(100 * avg['after'], 1)}%.", ""]
     return "\n".join(lines)
+
+
+def lora_section(r):
+    """The paper's Appendix D: full fine-tuning vs LoRA at equal steps, pooled and in English."""
+    rows = []
+    for run in ("dpo", "dpo_lora"):
+        t = r["eval"][f"judge_{run}"]["tests"]
+        m = r["margins"][run]
+        en_margin = m["en"]["mean_margin"] if "en" in m else float("nan")
+        others = [v["mean_margin"] for l, v in m.items() if l in data.LANGS and l != "en"]
+        rows.append([run, r["dpo_config"][run]["lr"], f"{t['en']['emt']['diff']:+.3f}",
+                     f"{t['pooled']['emt']['diff']:+.3f} {fmt_ci(t['pooled']['emt']['diff_ci'])}",
+                     fmt(en_margin), fmt(sum(others) / len(others) / en_margin if others else float("nan"), 2)])
+    return ["## Full fine-tuning vs LoRA (the paper's Appendix D)", "",
+            markdown_table(["run", "lr", "EMT change en", "EMT change pooled non-en", "held-out margin en",
+                            "other languages' margin / English margin"], rows), ""]
 
 
 def write_report(out):
     r = collect(out)
     text = render_report(r)
-    langs = [l for l in data.LANGS if l in r["margins"] and l in r["lora"]["margins"]]
-    write_text(Path(out) / "dpo_lora_margins.svg", bar_chart_svg(
-        langs, {"full fine-tuning": [r["margins"][l]["mean_margin"] for l in langs],
-                "LoRA": [r["lora"]["margins"][l]["mean_margin"] for l in langs]},
-        "Held-out preference margin after English-only DPO", "mean margin (beta * log-ratio)"))
+    langs = [l for l in data.LANGS if l in r["eval"]["judge_dpo"]["comparison"]]
+    comparison = r["eval"]["judge_dpo"]["comparison"]
+    write_text(Path(out) / "toxprob.svg", bar_chart_svg(
+        langs, {"base": [comparison[l]["tox_prob"]["before"] for l in langs],
+                "English-only DPO": [comparison[l]["tox_prob"]["after"] for l in langs],
+                "placebo DPO": [r["eval"]["judge_dpo_placebo"]["comparison"][l]["tox_prob"]["after"] for l in langs]},
+        "Toxic-continuation probability per language (feature judge)", "ToxProb"))
     write_text(Path(out) / "report.md", text)
     return text
+
+
+def readme_block(out, r):
+    """The README's results block: the claims table and the headline table of this run, with their command."""
+    run = r["run"]
+    return "\n".join([
+        f"Command: `{run.get('command', 'python reproduce.py')}` (output in `{out}/`), on {run.get('machine', '?')}; "
+        f"wall time {fmt(sum(r['stages'].values()) / 60, 0)} min summed over stages. Full report: "
+        f"[`{out}/report.md`]({out}/report.md).", "",
+        "The paper's claims, each decided by a test on this run (supported / not supported / inconclusive at "
+        f"alpha {ALPHA}):", "", claims_table(claims(r)), "",
+        "English-only DPO (seed 0) on gemma-3-270m, the same held-out RTP-LX items in every language, judged by the "
+        "shipped feature judge:", "", headline_table(r), ""])
+
+
+def write_readme_block(readme, out, r):
+    """Replace the text between the README's results markers with readme_block (atomic write)."""
+    text = Path(readme).read_text(encoding="utf-8")
+    begin, end = "<!-- results:begin -->\n", "<!-- results:end -->"
+    if begin not in text or end not in text:
+        raise ValueError(f"{readme}: no '<!-- results:begin -->' ... '<!-- results:end -->' block to replace")
+    head, rest = text.split(begin, 1)
+    write_text(readme, head + begin + readme_block(out, r) + rest[rest.index(end):])
 
 
 # -----------------------------------------------------------------------------
@@ -512,12 +775,16 @@ def main(argv=None):
                    "the same --out resumes")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, help="fp32 (default on CPU), bf16 (default on CUDA), fp16")
+    p.add_argument("--lora", action="store_true", help="also run the paper's Appendix D: the main DPO run again "
+                   "training LoRA adapters (rank 64, alpha 16, dropout 0.05, every linear layer)")
     p.add_argument("--report-only", action="store_true", help="only rebuild report.md from finished stages")
+    p.add_argument("--readme", metavar="README.md", help="also put the claims and headline tables into this "
+                   "README's results block (between <!-- results:begin --> and <!-- results:end -->)")
     args = p.parse_args(argv)
     dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
     out = Path(args.out or f"results/{args.preset}-{datetime.date.today().isoformat()}")
     if not args.report_only:
-        pipe = Pipeline(out, args.preset, args.device, dtype)
+        pipe = Pipeline(out, args.preset, args.device, dtype, lora=args.lora)
         run_meta = out / "run.json"
         if not run_meta.exists():
             write_json(run_meta, {"preset": args.preset, "machine": machine(),
@@ -525,6 +792,8 @@ def main(argv=None):
                                                                                else sys.argv[1:])})
         pipe.all()
     text = write_report(out)
+    if args.readme:
+        write_readme_block(args.readme, out, collect(out))
     print(text)
     print(f"\nwrote {out / 'report.md'}")
 
