@@ -53,17 +53,20 @@ BASE_MODEL = "gemma-3-270m"
 PRESETS = {
     "smoke": dict(items=2, n=2, max_new_tokens=8, seeds=[0], dpo_pairs=16,
                   dpo=["--max-steps", "2", "--eval-every", "2"], margin_pairs=4, clean_limit=4, retrieval_limit=12,
-                  probe_texts=40, top_k=20, random_sets=3, select_prompts=3, activation_langs=["en", "de", "ja"],
+                  probe_texts=40, top_k=20, random_sets=3, select_prompts=3, activation_items=2,
+                  activation_langs=["en", "de", "ja"],
                   intervene_langs=["en", "de"], intervene_offsets="0,-5", intervene_prompts=2, intervene_n=1,
                   max_len=96),
-    "cpu": dict(items=40, n=3, max_new_tokens=20, seeds=[0, 1], dpo_pairs=None,
+    "cpu": dict(items=30, n=2, max_new_tokens=20, seeds=[0, 1], dpo_pairs=None,
                 dpo=["--max-steps", "60", "--lr", "3e-6", "--warmup-steps", "10", "--eval-every", "15"],
-                margin_pairs=30, clean_limit=60, retrieval_limit=80, probe_texts=None, top_k=100, random_sets=10,
-                select_prompts=40, activation_langs=list(data.LANGS), intervene_langs=["en", "de", "ja", "ru"],
-                intervene_offsets="0,-5,5", intervene_prompts=8, intervene_n=2, max_len=96),
+                margin_pairs=30, clean_limit=30, retrieval_limit=80, probe_texts=None, top_k=100, random_sets=10,
+                select_prompts=40, activation_items=12, activation_langs=list(data.LANGS),
+                intervene_langs=["en", "de", "ja", "ru"], intervene_offsets="0,-5,5", intervene_prompts=8,
+                intervene_n=2, max_len=96),
     "paper": dict(items=None, n=25, max_new_tokens=20, seeds=[0, 1, 2], dpo=[], dpo_pairs=None, margin_pairs=None,
                   clean_limit=None, retrieval_limit=None, probe_texts=None, top_k=100, random_sets=20,
-                  select_prompts=200, activation_langs=list(data.LANGS), intervene_langs=list(data.LANGS),
+                  select_prompts=200, activation_items=None, activation_langs=list(data.LANGS),
+                  intervene_langs=list(data.LANGS),
                   intervene_offsets="0,-1,-2,-3,-4,-5,5", intervene_prompts=50, intervene_n=25, max_len=256),
 }
 SCORERS = ("judge", "ngram", "lexicon")  # the shipped feature judge first: it decides the claims
@@ -250,6 +253,7 @@ class Pipeline:
                                             vectors, "--random-sets", p["random_sets"], *self.common()])
         self.run("probe_activations", "probe", ["activations", "--model", BASE_MODEL, "--dpo-model", policy, "--out",
                                                 probe_dir, "--vectors", vectors, "--prompts", self.path("prompts"),
+                                                *(["--limit", p["activation_items"]] if p["activation_items"] else []),
                                                 "--random-sets", p["random_sets"], "--langs", *p["activation_langs"],
                                                 *tokens, *self.common()])
         self.run("probe_intervene", "probe", ["intervene", "--model", BASE_MODEL, "--out", probe_dir, "--vectors",
@@ -274,6 +278,11 @@ def read_json(path):
     return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
+def read_optional(path):
+    """A stage's JSON, or None when the stage has not run (the report then says so instead of a number)."""
+    return read_json(path) if Path(path).exists() else None
+
+
 def read_metrics(run_dir):
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line]
 
@@ -292,6 +301,8 @@ def guard_tests(gen_dir, before="base", afters=()):
 
     base, out = flags(before), {}
     for name in afters:
+        if not (Path(gen_dir) / f"gen_{name}.jsonl").exists():
+            continue
         after = flags(name)
         keys = [k for k in base if k in after]
         result = {"n_samples": len(keys)}
@@ -314,15 +325,17 @@ def collect(out):
     runs = sorted((p.name for p in out.iterdir() if (p / "metrics.jsonl").exists()), key=_run_order)
     r = {"stages": {k: v.get("seconds", 0.0) for k, v in stages.items()}, "sizes": stages["split"]["sizes"],
          "runs": runs, "confounds": read_json(out / "pairs" / "confounds.json"),
-         "eval": {p.name: read_json(p / "compare.json") for p in sorted((out / "eval").iterdir())},
-         "agreement": read_json(out / "agreement" / "agreement.json"),
+         "eval": {p.name: read_json(p / "compare.json") for p in sorted((out / "eval").iterdir())
+                  if (p / "compare.json").exists()},
+         "agreement": read_optional(out / "agreement" / "agreement.json"),
          "clean_ppl": {run: read_json(out / "clean_ppl" / run / "clean_ppl.json")
                        for run in runs if (out / "clean_ppl" / run).exists()},
-         "margins": {run: read_json(out / "margins" / run / "margins.json") for run in runs},
+         "margins": {run: read_json(out / "margins" / run / "margins.json") for run in runs
+                     if (out / "margins" / run / "margins.json").exists()},
          "dpo": {run: read_metrics(out / run) for run in runs},
          "dpo_config": {run: read_json(out / run / "config.json") for run in runs},
-         "correlation": read_json(out / "correlation" / "correlation.json"),
-         "probe": {s: read_json(out / "probe" / f"{s}.json")
+         "correlation": read_optional(out / "correlation" / "correlation.json"),
+         "probe": {s: read_optional(out / "probe" / f"{s}.json")
                    for s in ("train", "vectors", "project", "activations", "intervene")},
          "judge": judge_card_metrics(),
          "guards": guard_tests(out / "generations", afters=[r for r in runs if r != "dpo_lora"])}
@@ -417,8 +430,9 @@ def claims(r):
     per_seed = [(_pooled(r, f"judge_{run}")["diff"], _pooled(r, f"judge_{run}")["p"]) for run in seeds]
     diffs = [d for d, _ in per_seed]
     rows.append({"claim": "... whatever the DPO seed", "test": f"pooled non-English EMT change in each of "
-                 f"{len(seeds)} seeds", "estimate": f"{min(diffs):+.3f} to {max(diffs):+.3f}", "p": None,
-                 "verdict": verdict_all(per_seed, -1)})
+                 f"{len(seeds)} seed(s)" + (" (needs 2+)" if len(seeds) < 2 else ""),
+                 "estimate": f"{min(diffs):+.3f} to {max(diffs):+.3f}", "p": None,
+                 "verdict": verdict_all(per_seed, -1) if len(seeds) > 1 else "not run"})
     for scorer, label in (("ngram", "the character n-gram judge"), ("lexicon", "the word lists")):
         t = _pooled(r, f"{scorer}_dpo")
         add(f"... also by {label} (an instrument that shares no features with the model)",
@@ -428,43 +442,77 @@ def claims(r):
     for what, label in (("degenerate", "empty, punctuation-only or markup output"),
                         ("off_language", "output that leaves the prompt's language")):
         t = g[what]
-        rows.append({"claim": f"not by pseudo-detoxification: no more {label}",
-                     "test": "share of samples, after - before, non-English, exact McNemar on samples",
-                     "estimate": f"{t['after'] - t['before']:+.3f} ({fmt(t['before'])} -> {fmt(t['after'])})",
-                     "p": t["p"], "verdict": "not supported" if verdict(t["worse"] - t["better"], t["p"], -1)
-                     == "not supported" else "supported" if t["p"] >= ALPHA or t["worse"] < t["better"]
-                     else "inconclusive"})
-    base = r["probe"]["project"]["baseline"]
-    for metric, claim in (("lexicon_toxic_share", "toxic value vectors promote toxic tokens"),
-                          ("multiscript", "... in many languages (tokens of 2+ scripts)")):
-        b = base[metric]
-        add(claim + ", more than random value vectors", f"{metric}: kept - random (same layers), permutation",
-            b["diff"], None, b["p"], verdict(b["diff"], b["p"], +1))
-    act = r["probe"]["activations"]["per_language"]
-    act_tests = [(v["kept_minus_random"]["diff"], v["kept_minus_random"]["p"]) for v in act.values()]
-    lower = sum(1 for d, p in act_tests if d < 0 and p < ALPHA)
-    rows.append({"claim": "DPO lowers their activations in every language, more than random neurons'",
-                 "test": "per language: (kept change) - (random sets' change), paired bootstrap on prompts",
-                 "estimate": f"{lower} of {len(act_tests)} languages", "p": None,
-                 "verdict": verdict_all(act_tests, -1)})
-    iv = r["probe"]["intervene"]
-    negative = [o for o in iv["change_vs_zero"] if float(o) < 0]
-    if negative:
-        o = min(negative, key=float)
-        shifts = [(v["diff"], v["p"]) for v in iv["change_vs_zero"][o].values()]
-        lower = sum(1 for d, p in shifts if d < 0 and p < ALPHA)
-        rows.append({"claim": "lowering them lowers toxicity in every language",
-                     "test": f"toxicity at offset {o} - offset 0, judge, paired on prompts",
-                     "estimate": f"{lower} of {len(shifts)} languages", "p": None,
-                     "verdict": verdict_all(shifts, -1)})
+        more = t["worse"] > t["better"] and t["p"] < ALPHA
+        rows.append({"claim": f"not pseudo-detoxification: no more {label}",
+                     "test": "share of non-English samples, after - before, exact McNemar on samples (supported "
+                             "= no significant increase)",
+                     "estimate": f"{fmt(t['before'])} -> {fmt(t['after'])}",
+                     "p": t["p"], "verdict": "not supported" if more else "supported"})
+    clean = r["clean_ppl"].get("dpo", {})
+    worse = [l for l in data.LANGS if l in clean and clean[l]["ppl_ratio"] > 1 and clean[l]["p"] < ALPHA]
+    if clean:
+        rows.append({"claim": "... nor by losing capability", "test": "clean-text (Tatoeba) perplexity DPO / base "
+                     "per language, paired bootstrap (supported = no language significantly worse)",
+                     "estimate": f"{len(worse)} of {len([l for l in data.LANGS if l in clean])} languages worse"
+                     + (f" ({', '.join(worse)})" if worse else ""), "p": None,
+                     "verdict": "not supported" if worse else "supported"})
+    pr = r["probe"]
+    for stage, claim in (("project", "toxic value vectors promote toxic tokens in many languages"),
+                         ("activations", "DPO lowers their activations in every language"),
+                         ("intervene", "lowering them lowers toxicity in every language")):
+        if pr[stage] is None:
+            rows.append({"claim": claim, "test": f"stage probe_{stage} has not run", "estimate": "", "p": None,
+                         "verdict": "not run"})
+    if pr["project"] is not None:
+        rows += vector_claims(pr["project"]["baseline"])
+    if pr["activations"] is not None:
+        rows.append(activation_claim(pr["activations"]))
+    if pr["intervene"] is not None:
+        rows += intervention_claims(pr["intervene"])
     primary = retrieval_primary(r)
     if primary:
         res = primary["pearson"]
-        add("bilingual retrieval predicts how well DPO transfers", f"Pearson r, {primary['retrieval_metric']} vs "
-            f"{primary['transfer']} (sign: + = better retrieval, more detox), {primary['n']} languages; "
-            f"{r['correlation']['n_variants']} variants computed", primary["signed_r"], None, res["p"],
-            verdict(primary["signed_r"], res["p"], +1))
+        rows.append({"claim": "bilingual retrieval predicts how well DPO transfers",
+                     "test": f"Pearson r, {primary['retrieval_metric']} vs {primary['transfer']} (sign: + = better "
+                             f"retrieval, more detox), {primary['n']} languages; "
+                             f"{r['correlation']['n_variants']} variants computed",
+                     "estimate": f"{primary['signed_r']:+.3f}", "p": res["p"],
+                     "verdict": verdict(primary["signed_r"], res["p"], +1)})
+    else:
+        rows.append({"claim": "bilingual retrieval predicts how well DPO transfers", "test": "the correlation "
+                     "stage has not run, or had too few languages", "estimate": "", "p": None, "verdict": "not run"})
     return rows
+
+
+def vector_claims(base):
+    rows = []
+    for metric, claim in (("lexicon_toxic_share", "toxic value vectors promote toxic tokens"),
+                          ("multiscript", "... in many languages (tokens of 2+ scripts)")):
+        b = base[metric]
+        rows.append({"claim": claim + ", more than random value vectors",
+                     "test": f"{metric}: kept - random (same layers), permutation", "estimate": f"{b['diff']:+.3f}",
+                     "p": b["p"], "verdict": verdict(b["diff"], b["p"], +1)})
+    return rows
+
+
+def activation_claim(act):
+    tests = [(v["kept_minus_random"]["diff"], v["kept_minus_random"]["p"]) for v in act["per_language"].values()]
+    lower = sum(1 for d, p in tests if d < 0 and p < ALPHA)
+    return {"claim": "DPO lowers their activations in every language, more than random neurons'",
+            "test": "per language: (kept change) - (random sets' change), paired bootstrap on prompts",
+            "estimate": f"{lower} of {len(tests)} languages lower", "p": None, "verdict": verdict_all(tests, -1)}
+
+
+def intervention_claims(iv):
+    negative = [o for o in iv["change_vs_zero"] if float(o) < 0]
+    if not negative:
+        return []
+    o = min(negative, key=float)
+    shifts = [(v["diff"], v["p"]) for v in iv["change_vs_zero"][o].values()]
+    lower = sum(1 for d, p in shifts if d < 0 and p < ALPHA)
+    return [{"claim": "lowering them lowers toxicity in every language",
+             "test": f"toxicity at offset {float(o):g} - offset 0, {iv['scorer']}, paired on prompts",
+             "estimate": f"{lower} of {len(shifts)} languages lower", "p": None, "verdict": verdict_all(shifts, -1)}]
 
 
 PRIMARY_RETRIEVAL = ("accuracy", "judge_emt")  # decided before the run: the paper's text metric, our main judge
@@ -560,6 +608,8 @@ def judge_section(r):
              "the out-of-domain rows (tweets, never used for any choice) show how far the judges carry beyond "
              "RTP-LX:", "",
              judge_table(j), ""]
+    if r["agreement"] is None:
+        return lines + ["Agreement of the instruments: the agreement stage has not run.", ""]
     agree = r["agreement"]["langs"]
     rows = []
     for lang in [*data.LANGS, "all"]:
@@ -591,6 +641,10 @@ def judge_table(j):
 
 def mechanism_section(r):
     pr = r["probe"]
+    missing = [s for s, v in pr.items() if v is None]
+    if missing:
+        return ["## Why: toxic value vectors, against random ones", "",
+                f"Not run yet: {', '.join(f'probe_{s}' for s in missing)} (rerun the command to finish them).", ""]
     tr, base, act = pr["train"], pr["project"]["baseline"], pr["activations"]
     lines = ["## Why: toxic value vectors, against random ones", "",
              f"Probe (English RTP-LX prompts, human labels): validation ROC-AUC {fmt(tr['valid']['roc_auc'])}; "
@@ -626,6 +680,8 @@ def mechanism_section(r):
 
 def retrieval_section(r):
     c = r["correlation"]
+    if c is None:
+        return ["## Bilingual retrieval and transfer", "", "Not run yet: the correlate stage.", ""]
     rows = []
     for res in c["results"]:
         rows.append([res["retrieval_metric"], res["transfer"], res["n"], f"{res['pearson']['r']:+.3f}",
