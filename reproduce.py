@@ -519,7 +519,7 @@ PRIMARY_RETRIEVAL = ("accuracy", "judge_emt")  # decided before the run: the pap
 
 
 def retrieval_primary(r):
-    for res in r["correlation"]["results"]:
+    for res in (r["correlation"] or {}).get("results", []):
         if (res["retrieval_metric"], res["transfer"]) == PRIMARY_RETRIEVAL:
             sign = -1 if res["direction"].startswith("lower") else 1  # a % change: lower = more detox
             return {**res, "signed_r": sign * res["pearson"]["r"]}
