@@ -1,7 +1,7 @@
 """
 The whole paper in miniature, on a real multilingual model, offline, with one command:
 
-    python reproduce.py                     # --preset cpu: about an hour on 2 CPU cores
+    python reproduce.py                     # --preset cpu: sized for 2 CPU cores
     python reproduce.py --preset smoke      # every stage on a few prompts (what CI runs)
     python reproduce.py --preset paper      # the paper's settings, for a GPU
     python reproduce.py --lora              # add the paper's Appendix D (LoRA vs full fine-tuning)
@@ -47,7 +47,7 @@ from train_dpo import TrainConfig
 
 BASE_MODEL = "gemma-3-270m"
 
-# What each preset runs. "cpu" is sized to finish in about an hour on 2 CPU cores; "paper" is the paper's
+# What each preset runs. "cpu" is sized for 2 CPU cores; "paper" is the paper's
 # protocol (all held-out prompts, 25 samples, the paper's DPO recipe) and wants a GPU. `items` RTP-LX items are
 # evaluated in every language (the same items in all 17), `n` samples each.
 PRESETS = {
@@ -826,7 +826,7 @@ def machine():
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="smoke: a few prompts per stage, "
-                   "minutes (CI); cpu: about an hour on 2 CPU cores; paper: the paper's settings (GPU)")
+                   "minutes (CI); cpu: sized for 2 CPU cores; paper: the paper's settings (GPU)")
     p.add_argument("--out", default=None, help="run directory (default: results/<preset>-<date>); rerunning with "
                    "the same --out resumes")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
