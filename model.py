@@ -3,33 +3,30 @@ One readable decoder-only transformer that loads five families of real checkpoin
 
     GPT-2   (mGPT-1.3B)                learned positions, LayerNorm, GELU MLP, fused Conv1D QKV
     BLOOM   (bloom-560m .. 7b1)        ALiBi biases, embedding LayerNorm, fused per-head QKV
-    Llama   (Llama 2/3, SmolLM2)       RoPE (+ Llama-3 scaling), RMSNorm, SwiGLU, grouped-query attention
+    Llama   (Llama 2/3)                RoPE (+ Llama-3 scaling), RMSNorm, SwiGLU, grouped-query attention
     Gemma 3 (gemma-3-270m, default)    RMSNorm (1 + w), GeGLU, QK-norm, sandwich norms, sliding-window layers
     Cohere  (Aya-23)                   parallel attention + MLP, bias-free LayerNorm, interleaved RoPE
 
 The families differ in a handful of switches (which norm, which positions, which MLP, serial or parallel
 block), so they share one module tree; each has a config dataclass that reads and writes its Hugging Face
 `config.json` and knows its tensor names. Checkpoint bytes are read by checkpoint.py (safetensors, .bin,
-GGUF) and tokenizers by tokenizer.py; `load_model` ties them together.
+GGUF), tokenizers by tokenizer.py, and loading.py's `load_model` ties them together; this module knows
+only the architectures.
 
 Hook points follow TransformerLens: identity modules named by their place in the tree
 (`blocks.3.mlp.hook_post`) that cost nothing until a hook is attached with `model.hooks(...)`.
 """
 
-import argparse
 import contextlib
 import json
 import math
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import lora
 
 # -----------------------------------------------------------------------------
 # Configs: one dataclass per family, each mapping to and from its HF config.json
@@ -63,9 +60,16 @@ class ModelConfig:
     qk_norm = False
     attn_bias = False
     mlp_bias = False
+    rope_interleaved = False  # RoPE pairs channel i with i + hd/2 ("rotate half"); Cohere pairs 2i with 2i+1
+    embed_norm = False        # BLOOM normalises the token embeddings before the first block
+    embed_scale = False       # Gemma multiplies the token embeddings by sqrt(d_model)
 
     def attn_scale(self):
         return self.head_dim ** -0.5
+
+    def logit_scale(self):
+        """The factor on the LM head's logits (Cohere's are scaled down; the others are not)."""
+        return 1.0
 
     def rope(self, layer_type=None, default_theta=10000.0):
         """(theta, scaling or None), from hub-style `rope_theta`/`rope_scaling` or from the
@@ -145,6 +149,7 @@ class GPT2Config(ModelConfig):
 class BloomConfig(ModelConfig):
     family = "bloom"
     positions = "alibi"
+    embed_norm = True
     mlp_gated = False
     activation = "gelu_tanh"
     attn_bias = True
@@ -245,6 +250,7 @@ class Gemma3Config(ModelConfig):
     activation = "gelu_tanh"
     sandwich_norm = True
     qk_norm = True
+    embed_scale = True
     fused_qkv = None
     transposed = ()
 
@@ -301,6 +307,7 @@ class CohereConfig(ModelConfig):
     family = "cohere"
     norm_bias = False
     parallel_block = True
+    rope_interleaved = True
     fused_qkv = None
     transposed = ()
 
@@ -429,6 +436,11 @@ class Attention(nn.Module):
         if cfg.qk_norm:  # Gemma 3 normalises each query and key head before RoPE
             self.q_norm, self.k_norm = make_norm(cfg, hd), make_norm(cfg, hd)
         self.sliding_window = cfg.sliding_window(layer)
+        if cfg.positions == "rope":
+            # Fixed per layer (Gemma's local and global layers differ). Layers with equal settings share one
+            # cos/sin table per forward, found by rope_key: the scaling is a dict, so it is keyed by its JSON.
+            self.rope_theta, self.rope_scaling = cfg.rope_theta(layer), cfg.rope_scaling(layer)
+            self.rope_key = (self.rope_theta, json.dumps(self.rope_scaling, sort_keys=True))
         self.hook_attn_out = HookPoint()  # [B, T, d_model]
 
     def forward(self, x, ctx, kv_cache=None):
@@ -440,9 +452,8 @@ class Attention(nn.Module):
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         if cfg.positions == "rope":
-            cos, sin = ctx.rope(self.layer, x.dtype)  # [B, 1, T, hd]
-            interleaved = cfg.family == "cohere"
-            q, k = apply_rope(q, cos, sin, interleaved), apply_rope(k, cos, sin, interleaved)
+            cos, sin = ctx.rope(self.rope_key, self.rope_theta, self.rope_scaling, x.dtype)  # [B, 1, T, hd]
+            q, k = apply_rope(q, cos, sin, cfg.rope_interleaved), apply_rope(k, cos, sin, cfg.rope_interleaved)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer, k, v)  # [B, Hkv, Tk, hd], past + new
         if cfg.n_kv_heads != cfg.n_heads:  # grouped-query attention: each K/V head serves a group of Q heads
@@ -556,13 +567,12 @@ class _Context:
     def _additive(allowed):
         return torch.zeros(allowed.shape, device=allowed.device).masked_fill(~allowed, float("-inf"))
 
-    def rope(self, layer, dtype):
-        key = (self.cfg.rope_theta(layer), json.dumps(self.cfg.rope_scaling(layer), sort_keys=True))
+    def rope(self, key, theta, scaling, dtype):
+        """(cos, sin) [B, 1, T, hd] for the new tokens' positions, computed once per forward for each key."""
         if key not in self._rope:
-            inv_freq = rope_inv_freq(self.cfg.head_dim, self.cfg.rope_theta(layer), self.cfg.rope_scaling(layer),
-                                     self.positions.device)
+            inv_freq = rope_inv_freq(self.cfg.head_dim, theta, scaling, self.positions.device)
             angles = self.positions[..., None].float() * inv_freq  # [B, T, hd/2]
-            if self.cfg.family == "cohere":
+            if self.cfg.rope_interleaved:
                 angles = angles.repeat_interleave(2, dim=-1)
             else:
                 angles = torch.cat([angles, angles], dim=-1)  # [B, T, hd]
@@ -581,7 +591,7 @@ class Transformer(nn.Module):
         self.config = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.positions == "learned" else None
-        self.embed_norm = make_norm(cfg) if cfg.family == "bloom" else None
+        self.embed_norm = make_norm(cfg) if cfg.embed_norm else None
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.final_norm = make_norm(cfg)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
@@ -610,7 +620,7 @@ class Transformer(nn.Module):
         ctx = _Context(cfg, attention_mask, T, input_ids.device)
 
         x = self.embed(input_ids)  # [B, T, d_model]
-        if cfg.family == "gemma3_text":  # Gemma scales embeddings by sqrt(d), rounded to the weight dtype
+        if cfg.embed_scale:  # Gemma: sqrt(d), rounded to the weight dtype first (as HF computes it)
             x = x * torch.tensor(cfg.d_model ** 0.5, dtype=x.dtype)
         if self.pos_embed is not None:
             x = x + self.pos_embed(ctx.positions)
@@ -635,7 +645,7 @@ class Transformer(nn.Module):
     def unembed_params(self):
         """(weight [V, d_model], scale) with unembed(h) == scale * h @ weight.T (Cohere scales its logits)."""
         weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        return weight, self.config.logit_scale() if self.config.family == "cohere" else 1.0
+        return weight, self.config.logit_scale()
 
     def new_kv_cache(self):
         return KVCache(self.config.n_layers)
@@ -710,7 +720,7 @@ class Transformer(nn.Module):
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
 
 
-def _qkv_split(cfg, fused, part):
+def qkv_split(cfg, fused, part):
     """Rows of a fused QKV projection belonging to q, k or v, for either fused layout."""
     H, hd = cfg.n_heads, cfg.head_dim
     if cfg.qkv_layout == "per_head":  # BLOOM: [H, 3, hd, ...]
@@ -718,7 +728,7 @@ def _qkv_split(cfg, fused, part):
     return fused.chunk(3, dim=0)["qkv".index(part)]
 
 
-def _qkv_fuse(cfg, q, k, v):
+def qkv_fuse(cfg, q, k, v):
     if cfg.qkv_layout == "per_head":
         H, hd = cfg.n_heads, cfg.head_dim
         return torch.stack([t.view(H, hd, *t.shape[1:]) for t in (q, k, v)], dim=1).reshape(3 * H * hd,
@@ -735,7 +745,7 @@ def to_hf_tensors(cfg, sd):
         for i in range(cfg.n_layers):
             for p in ("weight", "bias"):
                 q, k, v = (sd[f"blocks.{i}.attn.{x}.{p}"] for x in "qkv")
-                fused = _qkv_fuse(cfg, q, k, v)
+                fused = qkv_fuse(cfg, q, k, v)
                 name = cfg.fused_qkv.format(i=i) + f".{p}"
                 out[name] = fused.T if name.endswith(cfg.transposed) else fused
     return out
@@ -752,7 +762,7 @@ def from_hf_tensors(cfg, tensors):
                 name = cfg.fused_qkv.format(i=i) + f".{p}"
                 fused = tensors[name].T if name.endswith(cfg.transposed) else tensors[name]
                 for x in "qkv":
-                    out[f"blocks.{i}.attn.{x}.{p}"] = _qkv_split(cfg, fused, x).contiguous()
+                    out[f"blocks.{i}.attn.{x}.{p}"] = qkv_split(cfg, fused, x).contiguous()
     return out
 
 
@@ -808,133 +818,7 @@ def pooled_activations(model, tokenizer, texts, names, batch_size=16, max_len=No
 
 
 # -----------------------------------------------------------------------------
-# Loading and saving
+# Dtypes by the names scripts and config files use
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
-
-
-_GGUF_READS = {}
-
-
-def _read_gguf_cached(path, dtype):
-    """read_gguf, remembered per process: dequantizing a GGUF file costs seconds, and the pipeline loads the
-    same base model once per stage. Keyed by path, size, mtime and dtype, so a changed file is read again."""
-    from checkpoint import read_gguf
-
-    stat = path.stat()
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, dtype)
-    if key not in _GGUF_READS:
-        _GGUF_READS.clear()  # one model at a time: a second dequantized copy would double the memory held
-        _GGUF_READS[key] = read_gguf(path, dtype=dtype)
-    return _GGUF_READS[key]
-
-
-_GGUF_TOKENIZERS = {}
-
-
-def _gguf_tokenizer(tok_fields):
-    """The Tokenizer of a GGUF read, built once per read (parsing a 262k-entry vocabulary takes seconds);
-    a Tokenizer is never modified after construction, so sharing one is safe."""
-    from checkpoint import cache_dir
-    from tokenizer import Tokenizer
-
-    if id(tok_fields) not in _GGUF_TOKENIZERS:
-        _GGUF_TOKENIZERS.clear()
-        tokenizer = Tokenizer.from_gguf_fields(tok_fields, cache_dir=cache_dir() / "tokenizers")
-        _GGUF_TOKENIZERS[id(tok_fields)] = (tok_fields, tokenizer)  # holding tok_fields keeps its id unique
-    return _GGUF_TOKENIZERS[id(tok_fields)][1]
-
-
-def load_model(name_or_path, device="cpu", dtype=torch.float32):
-    """(model, tokenizer) from a local HF directory, a .gguf file, a hub id (through huggingface_hub when it
-    is installed and online), or an embedded name: "gemma-3-270m" (the default), "smollm2-135m". A LoRA
-    adapter directory (lora.py) gives its base model with the adapters merged in."""
-    from checkpoint import cache_dir, read_config, read_hf_weights, resolve_checkpoint
-    from tokenizer import Tokenizer
-
-    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
-    if lora.is_adapter_dir(name_or_path):
-        return lora.load_adapter_model(name_or_path, device=device, dtype=dtype)
-    if torch.device(device).type == "cpu":
-        # Subnormal floats (|x| < 1.2e-38) send x86 arithmetic down a slow microcode path, and Gemma's
-        # activations produce them: flushing them to zero made an 8x64-token forward of gemma-3-270m 5.8x
-        # faster here (6.7 s -> 1.2 s). Values that small never matter to a language model's output.
-        torch.set_flush_denormal(True)
-    path = Path(resolve_checkpoint(name_or_path))
-    if path.suffix == ".gguf":
-        hf_config, tensors, tok_fields = _read_gguf_cached(path, dtype)
-        # Clones: the model takes ownership of its tensors (assign=True) and training updates them in place.
-        tensors = {name: t.to(device, copy=True) for name, t in tensors.items()}
-        tokenizer = _gguf_tokenizer(tok_fields)
-    else:
-        hf_config = read_config(path)
-        tensors = read_hf_weights(path, device=device, dtype=dtype)
-        tokenizer = Tokenizer.from_dir(path)
-    model = Transformer.from_hf(hf_config, tensors, source=str(path),
-                                config_source=str(path if path.suffix == ".gguf" else path / "config.json"))
-    model.name_or_path = str(name_or_path)
-    return model.eval(), tokenizer
-
-
-def save_model(model, tokenizer, out_dir, max_shard_bytes=None):
-    """Write an HF-format directory (config.json, safetensors weights, tokenizer) that both `load_model`
-    and transformers' `AutoModelForCausalLM.from_pretrained` read."""
-    from checkpoint import write_hf_weights
-    from report import write_json
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous() for k, v in model.hf_state_dict().items()}
-    write_hf_weights(out_dir, tensors, max_shard_bytes=max_shard_bytes)
-    dtype = next(model.parameters()).dtype
-    hf = {**model.config.to_hf(), "torch_dtype": str(dtype).removeprefix("torch."),
-          "bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}
-    write_json(out_dir / "config.json", hf)
-    tokenizer.save(out_dir)
-
-
-# -----------------------------------------------------------------------------
-# CLI: inspect a checkpoint and measure its forward throughput
-
-
-def main(argv=None):
-    p = argparse.ArgumentParser(description="Load a checkpoint with our model code, print its architecture, "
-                                "and time a forward pass. Example: python model.py --model gemma-3-270m")
-    p.add_argument("--model", default="gemma-3-270m", help="local HF dir, .gguf file, hub id, or an embedded "
-                   "name (gemma-3-270m, smollm2-135m)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, mps")
-    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="weights dtype (fp32 on CPU: "
-                   "bf16 matmuls are far slower on most CPUs)")
-    p.add_argument("--batch", type=int, default=8, help="batch size of the timed forward pass")
-    p.add_argument("--seq", type=int, default=128, help="sequence length of the timed forward pass")
-    p.add_argument("--prompt", default=None, help="also print a greedy 20-token continuation of this text")
-    p.add_argument("--save", default=None, help="write the loaded model as an HF directory here")
-    args = p.parse_args(argv)
-
-    t0 = time.perf_counter()
-    model, tok = load_model(args.model, device=args.device, dtype=args.dtype)
-    load_s = time.perf_counter() - t0
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"{args.model}: {model.config.family}, {n_params / 1e6:.1f}M parameters, {model.config.n_layers} layers, "
-          f"d_model {model.config.d_model}, vocab {model.config.vocab_size}; loaded in {load_s:.1f}s")
-    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), device=args.device)
-    with torch.inference_mode():
-        model(ids[:1, :8])  # warm-up
-        t0 = time.perf_counter()
-        model(ids)
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
-    print(f"forward {args.batch}x{args.seq}: {dt:.2f}s, {args.batch * args.seq / dt:.0f} tokens/s")
-    if args.prompt:
-        from generate import generate_text
-        print(repr(args.prompt), "->", repr(generate_text(model, tok, [args.prompt], greedy=True,
-                                                          max_new_tokens=20)[0]))
-    if args.save:
-        save_model(model, tok, args.save)
-        print(f"saved to {args.save}")
-
-
-if __name__ == "__main__":
-    main()

@@ -24,6 +24,7 @@ import torch
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as Backend
 
+import checkpoint
 from report import write_text
 
 # llama.cpp's token types (gguf.TokenType), stored per token in tokenizer.ggml.token_type.
@@ -229,11 +230,9 @@ class Tokenizer:
 
 def read_gguf_tokenizer_fields(path) -> dict:
     """The `tokenizer.ggml.*` metadata of a GGUF file as plain Python values, keys without the prefix."""
-    # checkpoint.py's own header parser: ~0.3 s on Gemma, where gguf.GGUFReader takes ~9 s (it builds a numpy
-    # view per element of the 262k-entry token array).
-    from checkpoint import read_gguf_metadata
-
-    meta = read_gguf_metadata(path)
+    # checkpoint.py's own header parser, not gguf.GGUFReader, which builds a numpy view per element of the
+    # 262k-entry token array and is far slower (timings in bench/README.md).
+    meta = checkpoint.read_gguf_metadata(path)
     prefix = "tokenizer.ggml."
     return {key[len(prefix):]: value for key, value in meta.items() if key.startswith(prefix)}
 
@@ -294,7 +293,7 @@ def _sentencepiece_from_gguf(fields: dict) -> Backend:
     by_score = sorted((i for i in range(n_vocab) if types[i] == NORMAL), key=scores.__getitem__, reverse=True)
     pieces = [tokens[i] for i in placeholder + by_score if len(tokens[i]) > 1]
     # Every cut of a piece into two in-vocab halves is a merge, longer left half first (like transformers).
-    # A flat comprehension over dict lookups: ~0.7 s for Gemma's 262k pieces -> 515k merges.
+    # A flat comprehension over dict lookups: Gemma's 262k pieces give 515k merges, so this loop is the hot spot.
     merges = [(p[:cut], p[cut:]) for p in pieces for cut in range(len(p) - 1, 0, -1)
               if p[:cut] in vocab and p[cut:] in vocab]
 
@@ -430,9 +429,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     if args.cache_dir is None:
-        from checkpoint import cache_dir
-
-        args.cache_dir = cache_dir() / "tokenizers"
+        args.cache_dir = checkpoint.cache_dir() / "tokenizers"
     start = time.perf_counter()
     tok = load_tokenizer(args.path, cache_dir=args.cache_dir)
     print(f"loaded {args.path} in {time.perf_counter() - start:.2f}s: vocab {tok.vocab_size}, "

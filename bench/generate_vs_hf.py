@@ -3,7 +3,7 @@ Our sampler (generate.py) against transformers' `generate`, on the same model, b
 
 Both sides run gemma-3-270m in fp32 on the CPU with the same weights: both dequantize the same GGUF file
 (transformers with `gguf_file=`, which needs accelerate), or, with --hf-dir, transformers loads an HF directory
-written from our model by `model.save_model`. Both get the same token ids: 8 RTP-LX English prompts, left-padded,
+written from our model by `loading.save_model`. Both get the same token ids: 8 RTP-LX English prompts, left-padded,
 4 samples each, 20 new tokens, temperature 0.9, top-p 0.8, top-k off (as in the paper), KV cache on.
 transformers lives in a separate venv, never in the product:
 
@@ -26,10 +26,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import transformers  # noqa: E402  (bench-only dependency, from the separate venv)
 
-from checkpoint import resolve_checkpoint  # noqa: E402
+from checkpoint import DEFAULT_MODEL, resolve_checkpoint  # noqa: E402
 from data import load_prompts  # noqa: E402
 from generate import generate  # noqa: E402
-from model import load_model, save_model  # noqa: E402
+from loading import load_model, save_model  # noqa: E402
 
 
 def new_tokens(out, eos_id):
@@ -41,9 +41,9 @@ def new_tokens(out, eos_id):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Time generate.py against transformers' generate on one batch.")
-    p.add_argument("--model", default="gemma-3-270m", help="model for our loader (GGUF, HF dir or embedded name)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="model for our loader (GGUF, HF dir or embedded name)")
     p.add_argument("--hf-dir", default=None, help="HF directory for transformers to load instead of the GGUF; "
-                   "written from our model with model.save_model when missing")
+                   "written from our model with loading.save_model when missing")
     p.add_argument("--prompts", default="data/rtp-lx/en.jsonl", help="prompt file (the first --batch are used)")
     p.add_argument("--batch", type=int, default=8, help="prompts in the batch")
     p.add_argument("--n", type=int, default=4, help="samples per prompt")

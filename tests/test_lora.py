@@ -12,11 +12,12 @@ import sys
 import pytest
 import torch
 
+import loading
 import lora
-import model as model_lib
 import train_dpo
+from checkpoint import read_safetensors
+from dpo import batch_logps, collate, tokenize_pair
 from test_train_dpo import ROOT, TINY_MODEL, pair_loss, read_metrics, run_args
-from train_dpo import batch_logps, collate, tokenize_pair
 
 FAMILIES = ["gpt2", "bloom", "llama", "gemma3", "cohere"]
 MODELS = ROOT / "tests" / "fixtures" / "models"
@@ -41,7 +42,7 @@ def inputs(vocab, seed=0):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_merged_weights_are_base_plus_scaled_BA_and_keep_the_outputs(family):
-    base, _ = model_lib.load_model(MODELS / family)
+    base, _ = loading.load_model(MODELS / family)
     model = randomize_adapters(lora.add_lora(copy.deepcopy(base), rank=4, alpha=8, dropout=0.0))
     layers = lora.lora_layers(model)
     assert len(layers) == model.config.n_layers * (7 if model.config.mlp_gated else 6)  # every linear layer
@@ -71,7 +72,7 @@ def test_lora_update_gradients(dropout):
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
 def test_disabled_adapters_give_the_base_logits_exactly(family):
-    base, _ = model_lib.load_model(MODELS / family)
+    base, _ = loading.load_model(MODELS / family)
     ids, mask = inputs(base.config.vocab_size)
     expected = base(ids, mask)
     model = lora.add_lora(copy.deepcopy(base), rank=4).eval()
@@ -83,7 +84,7 @@ def test_disabled_adapters_give_the_base_logits_exactly(family):
 
 
 def test_only_adapters_train_and_stay_fp32_on_a_bf16_base():
-    base, _ = model_lib.load_model(TINY_MODEL, dtype=torch.bfloat16)
+    base, _ = loading.load_model(TINY_MODEL, dtype=torch.bfloat16)
     model = lora.add_lora(base, rank=2, targets="q,v")
     trained = {name for name, p in model.named_parameters() if p.requires_grad}
     assert trained == set(lora.adapter_state_dict(model)) and len(trained) == 2 * 2 * model.config.n_layers
@@ -94,25 +95,21 @@ def test_only_adapters_train_and_stay_fp32_on_a_bf16_base():
     model(ids, mask).float().sum().backward()
     assert all(p.grad is not None for p in lora.adapter_state_dict(model).values())
     with pytest.raises(ValueError, match="unknown layer"):
-        lora.add_lora(model_lib.load_model(TINY_MODEL)[0], rank=2, targets="q,proj")
+        lora.add_lora(loading.load_model(TINY_MODEL)[0], rank=2, targets="q,proj")
 
 
 def test_reference_by_disabling_equals_a_frozen_copy():
-    base, tok = model_lib.load_model(TINY_MODEL)
+    base, tok = loading.load_model(TINY_MODEL)
     frozen = copy.deepcopy(base)
     policy = randomize_adapters(lora.add_lora(base, rank=4)).train()  # train mode: LoRA dropout is on
     examples = [tokenize_pair(tok, f"prompt {i}", " a calm reply", " nasty words", 12, 24) for i in range(4)]
     batch = collate(examples, tok.pad_id)
     args = batch["input_ids"], batch["attention_mask"], batch["labels"]
-    cfg = train_dpo.TrainConfig(beta=0.1)
     with torch.no_grad():
-        expected = batch_logps(frozen, *args)[0].chunk(2)
-    # the same dropout masks in both calls: the only difference is where the reference log-probs come from
-    torch.manual_seed(0)
-    by_disabling = train_dpo.dpo_forward(policy, batch, None, None, cfg, ref_model=policy)[1]
-    torch.manual_seed(0)
-    by_copy = train_dpo.dpo_forward(policy, batch, *expected, cfg)[1]
-    assert torch.equal(by_disabling, by_copy)
+        expected = batch_logps(frozen, *args)[0]
+        with lora.disabled(policy):
+            by_disabling = batch_logps(policy, *args)[0]
+    assert torch.equal(by_disabling, expected)
     assert all(layer.enabled for layer in lora.lora_layers(policy).values())
 
 
@@ -134,8 +131,8 @@ def test_lora_dpo_learns_and_saves_adapters_only(tmp_path):
     assert config["rank"] == 8 and config["base_model"] == str(TINY_MODEL.resolve())
     assert len(list(lora.TARGETS)) == len(config["targets"])
     # the embedding, norms and every base weight are untouched: the run trained the adapters alone
-    trained, _ = lora.load_adapter_model(out / "last", merged=False)
-    base, _ = model_lib.load_model(TINY_MODEL)
+    trained, _ = loading.load_adapter_model(out / "last", merged=False)
+    base, _ = loading.load_model(TINY_MODEL)
     for name, p in base.state_dict().items():
         assert torch.equal(trained.state_dict()[name], p), name
 
@@ -152,8 +149,8 @@ def test_lora_resume_and_frozen_reference_reproduce_the_run(tmp_path):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-6)
 
 
-def test_adapters_round_trip_and_merge_cli(tmp_path):
-    base, tok = model_lib.load_model(TINY_MODEL)
+def test_adapters_round_trip_and_convert_cli(tmp_path):
+    base, tok = loading.load_model(TINY_MODEL)
     model = randomize_adapters(lora.add_lora(copy.deepcopy(base), rank=3, alpha=6, targets="q,k,v,o,down"))
     model.eval()
     lora.save_adapters(model, tmp_path / "adapters", TINY_MODEL)
@@ -163,13 +160,11 @@ def test_adapters_round_trip_and_merge_cli(tmp_path):
     ids, mask = inputs(base.config.vocab_size)
     expected = model(ids, mask)
     assert torch.equal(loaded(ids, mask), expected)
-    through_load_model, _ = model_lib.load_model(tmp_path / "adapters")  # merged
+    through_load_model, _ = loading.load_model(tmp_path / "adapters")  # merged
     assert all(p.requires_grad for p in through_load_model.parameters())
     torch.testing.assert_close(through_load_model(ids, mask), expected, rtol=1e-5, atol=1e-5)
-    proc = subprocess.run([sys.executable, "lora.py", "merge", str(tmp_path / "adapters"), "--out",
-                           str(tmp_path / "merged")], cwd=ROOT, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    merged, _ = model_lib.load_model(tmp_path / "merged")
+    loading.main(["convert", str(tmp_path / "adapters"), "--out", str(tmp_path / "merged"), "--device", "cpu"])
+    merged, _ = loading.load_model(tmp_path / "merged")
     assert (tmp_path / "merged" / "config.json").exists()
     torch.testing.assert_close(merged(ids, mask), expected, rtol=1e-5, atol=1e-5)
     info = subprocess.run([sys.executable, "lora.py", "info", str(tmp_path / "adapters")], cwd=ROOT,
@@ -179,14 +174,14 @@ def test_adapters_round_trip_and_merge_cli(tmp_path):
 
 
 def test_bad_adapter_directories_are_one_line_errors(tmp_path):
-    base, _ = model_lib.load_model(TINY_MODEL)
+    base, _ = loading.load_model(TINY_MODEL)
     model = lora.add_lora(copy.deepcopy(base), rank=2)
     good = tmp_path / "good"
     lora.save_adapters(model, good, TINY_MODEL)
 
     def fails(path, match):
-        proc = subprocess.run([sys.executable, "lora.py", "merge", str(path), "--out", str(tmp_path / "m")],
-                              cwd=ROOT, capture_output=True, text=True)
+        proc = subprocess.run([sys.executable, "loading.py", "convert", str(path), "--out", str(tmp_path / "m"),
+                               "--device", "cpu"], cwd=ROOT, capture_output=True, text=True)
         assert proc.returncode == 1 and proc.stderr.strip().count("\n") == 0, proc.stderr
         assert match in proc.stderr, proc.stderr
 
@@ -216,7 +211,7 @@ def test_lora_run_on_a_bf16_base(tmp_path):
     out = tmp_path / "bf16"
     result = train_dpo.main(lora_args(tmp_path, out, "--max-steps", "2", "--dtype", "bf16"))
     assert result["step"] == 2 and all(math.isfinite(m["loss"]) for m in read_metrics(out))
-    trained, _ = lora.load_adapter_model(out / "last", dtype=torch.bfloat16, merged=False)
+    trained, _ = loading.load_adapter_model(out / "last", dtype=torch.bfloat16, merged=False)
     assert trained.blocks[0].mlp.up.weight.dtype == torch.bfloat16
     assert {p.dtype for p in lora.adapter_state_dict(trained).values()} == {torch.float32}
 
@@ -227,7 +222,7 @@ def test_peft_adapters_load_with_peft_logits(family):
     projections (gpt2, bloom) included."""
     fixture = ROOT / "tests" / "fixtures" / "peft" / family
     golden = torch.load(fixture / "golden.pt", weights_only=True)
-    model, _ = lora.load_adapter_model(fixture, base=MODELS / family, merged=False)
+    model, _ = loading.load_adapter_model(fixture, base=MODELS / family, merged=False)
     assert set(lora.lora_layers(model)) and model.lora_config["rank"] == 4
     torch.testing.assert_close(model.eval()(golden["input_ids"]), golden["logits"], rtol=1e-5, atol=1e-5)
     merged = lora.merge(model)
@@ -239,33 +234,30 @@ def test_peft_adapters_load_with_peft_logits(family):
 def test_peft_adapters_for_another_model_are_refused(tmp_path):
     shutil.copytree(ROOT / "tests" / "fixtures" / "peft" / "llama", tmp_path / "llama")
     with pytest.raises(ValueError, match=f"on base model {TINY_MODEL}\\): missing tensor\\(s\\) blocks.2."):
-        lora.load_adapter_model(tmp_path / "llama", base=TINY_MODEL)  # same layer names, one layer more
+        loading.load_adapter_model(tmp_path / "llama", base=TINY_MODEL)  # same layer names, one layer more
     with pytest.raises(ValueError, match="attn.c_attn.lora_A.weight is not a LoRA weight of a linear layer of "
                                          "this llama model"):
-        lora.load_adapter_model(ROOT / "tests" / "fixtures" / "peft" / "gpt2", base=MODELS / "llama")
+        loading.load_adapter_model(ROOT / "tests" / "fixtures" / "peft" / "gpt2", base=MODELS / "llama")
     cfg = json.loads((tmp_path / "llama" / lora.CONFIG_NAME).read_text())
     (tmp_path / "llama" / lora.CONFIG_NAME).write_text(json.dumps({**cfg, "use_dora": True}))
     with pytest.raises(ValueError, match="'use_dora' = True is unsupported"):
-        lora.load_adapter_model(tmp_path / "llama", base=MODELS / "llama")
+        loading.load_adapter_model(tmp_path / "llama", base=MODELS / "llama")
 
 
 def test_adapters_written_in_peft_format_match_peft_files_and_load_back(tmp_path):
-    base, _ = model_lib.load_model(MODELS / "llama")
+    base, _ = loading.load_model(MODELS / "llama")
     model = randomize_adapters(lora.add_lora(copy.deepcopy(base), rank=4, alpha=8)).eval()
     lora.save_adapters(model, tmp_path / "ours", MODELS / "llama")
-    proc = subprocess.run([sys.executable, "lora.py", "peft", str(tmp_path / "ours"), "--out", str(tmp_path / "peft")],
-                          cwd=ROOT, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    from checkpoint import read_safetensors
+    loading.main(["peft", str(tmp_path / "ours"), "--out", str(tmp_path / "peft")])
     ours = read_safetensors(tmp_path / "peft" / lora.WEIGHTS_NAME)
     written_by_peft = read_safetensors(ROOT / "tests" / "fixtures" / "peft" / "llama" / lora.WEIGHTS_NAME)
     assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in written_by_peft.items()}
     config = json.loads((tmp_path / "peft" / lora.CONFIG_NAME).read_text())
     assert (config["peft_type"], config["r"], config["lora_alpha"]) == ("LORA", 4, 8)
     assert sorted(config["target_modules"]) == sorted({k.split(".")[-3] for k in written_by_peft})
-    back, _ = lora.load_adapter_model(tmp_path / "peft", merged=False)
+    back, _ = loading.load_adapter_model(tmp_path / "peft", merged=False)
     ids, mask = inputs(base.config.vocab_size)
     assert torch.equal(back.eval()(ids, mask), model(ids, mask))
     with pytest.raises(ValueError, match="fused q/k/v"):
-        lora.save_peft_adapters(lora.add_lora(model_lib.load_model(MODELS / "bloom")[0], rank=2), tmp_path / "b",
+        lora.save_peft_adapters(lora.add_lora(loading.load_model(MODELS / "bloom")[0], rank=2), tmp_path / "b",
                                 MODELS / "bloom")

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import checkpoint
-from model import load_model, save_model
+import loading
+from loading import load_model, save_model
 
 MODELS_DIR = Path(__file__).parent / "fixtures" / "models"
 FAMILIES = ["gpt2", "bloom", "llama", "gemma3", "cohere"]
@@ -168,6 +169,23 @@ def test_sharded_checkpoint_loads(family, tmp_path):
     assert set(index["weight_map"]) == set(tensors)
     sharded, _ = load_model(str(out))
     assert_same_state(loaded(family)[0], sharded)
+
+
+def test_convert_cli_writes_the_model_in_the_dtype_asked(tmp_path, capsys):
+    loading.main(["convert", str(MODELS_DIR / "llama"), "--out", str(tmp_path / "bf16"), "--device", "cpu",
+                  "--dtype", "bf16"])
+    written = checkpoint.read_safetensors(str(tmp_path / "bf16" / "model.safetensors"))
+    assert {t.dtype for t in written.values()} == {torch.bfloat16}
+    converted, _ = load_model(tmp_path / "bf16", dtype="bf16")
+    assert torch.equal(converted.embed.weight, loaded("llama")[0].embed.weight.bfloat16())
+    loading.main(["info", str(tmp_path / "bf16"), "--device", "cpu", "--batch", "1", "--seq", "4"])
+    assert "llama, " in capsys.readouterr().out
+
+
+def test_dtype_defaults_to_bf16_on_cuda_only():
+    assert [loading.resolve_dtype(d, None) for d in ("cpu", "cuda", "cuda:1", "mps")] == ["fp32", "bf16", "bf16",
+                                                                                           "fp32"]
+    assert loading.resolve_dtype("cuda", "fp32") == "fp32"
 
 
 # ------------------------------------------------------------------------------------ bad inputs
