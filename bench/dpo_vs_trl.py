@@ -17,6 +17,9 @@ and the driver runs the TRL side with that interpreter:
     python3 bench/dpo_vs_trl.py --steps 4 --trl-python /tmp/fixenv/bin/python --freeze-embeddings
     python3 bench/dpo_vs_trl.py --steps 4 --trl-python /tmp/fixenv/bin/python --checkpointing ours
 
+--logps picks our log-prob path (train_dpo.py --logps): chunked, the CPU preset's, by default; plain builds the
+full logits as TRL does.
+
 --lora trains LoRA adapters instead (the paper's rank 64, alpha 16, dropout 0.05, every linear layer of the
 blocks): ours with --lora-rank 64, TRL with a peft LoraConfig (target_modules="all-linear"; pip install peft
 in the same venv). Run it next to the full fine-tuning run to compare the two ways of training.
@@ -64,7 +67,8 @@ def run_ours(args):
             "--model", args.hf_dir, "--data", args.pairs, "--out", f"{tmp}/run", "--batch-size", "8",
             "--max-steps", str(args.steps + 2), "--max-len", "96", "--max-prompt-len", "64", "--lr", "1e-6",
             "--warmup-steps", "0", "--eval-every", "100000", "--log-every", "1", "--valid-frac", "0.05",
-            "--eval-batch-size", "8", "--freeze-embeddings" if args.freeze_embeddings else "--no-freeze-embeddings",
+            "--eval-batch-size", "8", "--logps", args.logps,
+            "--freeze-embeddings" if args.freeze_embeddings else "--no-freeze-embeddings",
             "--activation-checkpointing" if args.checkpointing in ("ours", "both")
             else "--no-activation-checkpointing",
             *(["--lora-rank", str(LORA["r"]), "--lora-alpha", str(LORA["lora_alpha"]), "--lora-dropout",
@@ -112,10 +116,11 @@ def prepare(args):
     """Write the HF directory of the default model and the shared pairs file (once)."""
     sys.path.insert(0, str(ROOT))
     import data
-    from model import load_model, save_model
+    from checkpoint import DEFAULT_MODEL
+    from loading import load_model, save_model
 
     if not (Path(args.hf_dir) / "config.json").exists():
-        model, tokenizer = load_model("gemma-3-270m")
+        model, tokenizer = load_model(DEFAULT_MODEL)
         save_model(model, tokenizer, args.hf_dir)
         del model
     n = (args.steps + 2) * 8 + 2  # + 2 validation pairs for our run (--valid-frac 0.05)
@@ -136,6 +141,8 @@ def main(argv=None):
     p.add_argument("--checkpointing", choices=["none", "ours", "both"], default="none",
                    help="activation checkpointing on neither side, only ours (--activation-checkpointing), or both "
                         "(TRL: gradient_checkpointing=True)")
+    p.add_argument("--logps", choices=["plain", "chunked"], default="chunked",
+                   help="our log-prob path (train_dpo.py --logps; TRL always builds the full logits)")
     p.add_argument("--lora", action="store_true", help="train LoRA adapters (rank 64, alpha 16, dropout 0.05, "
                    "all linear layers) on both sides instead of the weights")
     p.add_argument("--side", choices=["both", "ours", "trl"], default="both",
@@ -153,10 +160,10 @@ def main(argv=None):
     prepare(args)
     results = {}
     common = ["--steps", str(args.steps), "--work-dir", args.work_dir,
-              "--checkpointing", args.checkpointing] + \
+              "--checkpointing", args.checkpointing, "--logps", args.logps] + \
         (["--freeze-embeddings"] if args.freeze_embeddings else []) + (["--lora"] if args.lora else [])
     config = f"{'frozen' if args.freeze_embeddings else 'trained'}-ckpt_{args.checkpointing}-steps{args.steps}" + \
-        ("-lora" if args.lora else "")
+        f"-logps_{args.logps}" + ("-lora" if args.lora else "")
     for side, python in (("ours", sys.executable), ("trl", args.trl_python)):
         done = Path(args.work_dir) / f"{side}-{config}.json"  # a finished side is not rerun
         if not done.exists():
@@ -173,8 +180,8 @@ def main(argv=None):
     ours, trl = results["ours"], results["trl"]
     print(f"batch 8 pairs x <=96 tokens, {'LoRA rank 64' if args.lora else 'full fine-tuning'}, "
           f"{'frozen' if args.freeze_embeddings else 'trained'} embeddings, "
-          f"activation checkpointing: {args.checkpointing}; median of {args.steps} steps after a "
-          f"warm-up step; load average {os.getloadavg()[0]:.1f}")
+          f"activation checkpointing: {args.checkpointing}, our log-probs: {args.logps}; median of {args.steps} "
+          f"steps after a warm-up step; load average {os.getloadavg()[0]:.1f}")
     print(f"{'':6s} {'wall s/step':>12s} {'CPU s/step':>11s} {'peak RSS':>10s}")
     for side, r in results.items():
         print(f"{side:6s} {r['wall_s']:12.2f} {r['cpu_s']:11.2f} {r['peak_rss_mb'] / 1024:7.2f} GB")

@@ -25,8 +25,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import dpo  # noqa: E402
 import lora  # noqa: E402
-import train_dpo  # noqa: E402
+import runstate  # noqa: E402
+import train_config  # noqa: E402
+from loading import add_device_args, resolve_dtype  # noqa: E402
 from lora_memory import MODELS  # noqa: E402
 from model import DTYPES, Transformer, config_from_hf  # noqa: E402
 
@@ -47,9 +50,7 @@ def main(argv=None):
     p.add_argument("--vocab", type=int, default=None, help="shrink the vocabulary to this size (smoke runs)")
     p.add_argument("--mode", choices=["lora", "full"], default="lora")
     p.add_argument("--rank", type=int, default=64, help="LoRA rank (the paper: 64)")
-    p.add_argument("--device", default="cuda")
-    p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16", "fp16"],
-                   help="LoRA: the frozen base's dtype; full: the autocast dtype (weights stay fp32)")
+    add_device_args(p)  # LoRA: --dtype is the frozen base's dtype; full: the autocast dtype (weights stay fp32)
     p.add_argument("--seq", type=int, default=256, help="tokens per sequence (the paper's max length: 256)")
     p.add_argument("--batch", type=int, default=1, help="pairs per forward pass (the paper: 1, grad-accum 4)")
     p.add_argument("--grad-accum", type=int, default=4)
@@ -57,6 +58,7 @@ def main(argv=None):
     p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--json", default=None, help="also write the result here")
     args = p.parse_args(argv)
+    args.dtype = resolve_dtype(args.device, args.dtype)
 
     hf = dict(MODELS[args.model])
     if args.layers:
@@ -81,15 +83,15 @@ def main(argv=None):
     model.train()
     params = [q for q in model.parameters() if q.requires_grad]
     optimizer = torch.optim.RMSprop(params, lr=1e-6)
-    train_cfg = train_dpo.TrainConfig(dtype=args.dtype)
+    train_cfg = train_config.TrainConfig(dtype=args.dtype)
     batch = random_batch(args.batch, args.seq, cfg.vocab_size, args.device)
     ref = torch.zeros(args.batch, device=args.device)  # what the reference cache would supply
-    autocast = train_dpo.autocast(args.device, args.dtype if args.mode == "full" else "fp32")
+    autocast = dpo.autocast(args.device, args.dtype if args.mode == "full" else "fp32")
 
     def step():
         for _ in range(args.grad_accum):
             with autocast:
-                losses, _ = train_dpo.dpo_forward(model, batch, ref, ref, train_cfg)
+                losses, _ = dpo.dpo_forward(model, batch, ref, ref, train_cfg)
             (losses.sum() / (args.batch * args.grad_accum)).backward()
         torch.nn.utils.clip_grad_norm_(params, 10.0)
         optimizer.step()
@@ -111,7 +113,7 @@ def main(argv=None):
         result["tokens_per_s"] = 2 * args.batch * args.grad_accum * args.seq / result["s_per_step"]
     except torch.OutOfMemoryError as e:
         result["out_of_memory"] = str(e).splitlines()[0]
-    result["peak_memory_mb"] = train_dpo.peak_memory_mb(args.device)
+    result["peak_memory_mb"] = runstate.peak_memory_mb(args.device)
     print(json.dumps(result, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")

@@ -1,6 +1,8 @@
-"""Tests for train_dpo.py: the loss against its formula and TRL, LM-head-on-responses log-probs, truncation,
-and end-to-end runs on a tiny random Gemma 3 checkpoint (learning, exact resume, bad rows, NaN, DDP)."""
+"""Tests for dpo.py and train_dpo.py: the loss against its formula and TRL, plain and chunked log-probs against
+each other, truncation, and end-to-end runs on a tiny random Gemma 3 checkpoint (learning, exact resume, bad
+rows, NaN, DDP)."""
 
+import dataclasses
 import json
 import math
 import os
@@ -11,9 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 
+import dpo
+import loading
 import model as model_lib
+import runstate
+import train_config
 import train_dpo
-from train_dpo import batch_logps, collate, compute_logps, preference_loss, tokenize_pair
+from checkpoint import DEFAULT_MODEL
+from dpo import batch_logps, collate, compute_logps, preference_loss, tokenize_pair
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -94,13 +101,13 @@ def tiny_random_model(vocab=97, tied=True):
 @pytest.mark.parametrize("family", ["gpt2", "bloom", "llama", "gemma3", "cohere"])
 @pytest.mark.parametrize("freeze_head", [False, True])
 def test_batch_logps_with_head_on_responses_equals_full_logits(family, freeze_head):
-    model, _ = model_lib.load_model(FIXTURES / "models" / family)
+    model, _ = loading.load_model(FIXTURES / "models" / family)
     model.train()
     weight, _ = model.unembed_params()
     weight.requires_grad_(not freeze_head)  # frozen: the gradient reaches the body only through the hidden states
     vocab = model.config.vocab_size
     torch.manual_seed(0)
-    examples = [train_dpo._build_example(torch.randint(3, vocab, (p,)).tolist(), torch.randint(3, vocab, (c,)).tolist(),
+    examples = [dpo._build_example(torch.randint(3, vocab, (p,)).tolist(), torch.randint(3, vocab, (c,)).tolist(),
                                          torch.randint(3, vocab, (r,)).tolist(), None, 8, 20)
                 for p, c, r in [(3, 5, 9), (8, 2, 4), (12, 15, 1)]]
     batch = collate(examples, pad_id=0)  # [6, T], right-padded, with truncated and padded rows
@@ -111,15 +118,12 @@ def test_batch_logps_with_head_on_responses_equals_full_logits(family, freeze_he
     model.zero_grad()
 
     # the direct computation (DPO reference `_get_batch_logps`): full logits, shift, mask, gather, sum
-    logits = model(batch["input_ids"], batch["attention_mask"])[:, :-1].double()  # [6, T-1, V], fp64 softmax
-    labels = batch["labels"][:, 1:]
-    mask = labels != -100
-    per_token = logits.log_softmax(-1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
-    expected = (per_token * mask).sum(-1)
+    logits = model(batch["input_ids"], batch["attention_mask"]).double()  # [6, T, V], fp64 softmax
+    expected, expected_counts = dpo.sequence_logps(logits, batch["labels"])
     (expected * torch.linspace(-1, 2, 6).double()).sum().backward()
     torch.testing.assert_close(logps, expected.float(), rtol=1e-5, atol=1e-5)
-    assert counts.tolist() == mask.sum(-1).tolist() == [sum(x != -100 for x in ex[f"{side}_labels"])
-                                                      for side in ("chosen", "rejected") for ex in examples]
+    assert counts.tolist() == expected_counts.tolist() == [sum(x != -100 for x in ex[f"{side}_labels"])
+                                                           for side in ("chosen", "rejected") for ex in examples]
     reference = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     assert fast.keys() == reference.keys() and (weight.grad is None) == freeze_head
     # (atol relative to the largest gradient: some true gradients are 0, e.g. of key biases, and both sides
@@ -129,12 +133,37 @@ def test_batch_logps_with_head_on_responses_equals_full_logits(family, freeze_he
         torch.testing.assert_close(fast[name], reference[name], rtol=1e-4, atol=1e-6 * scale, msg=name)
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_plain_and_chunked_log_probs_agree_in_values_and_gradients(tied):
+    """--logps plain (full logits, the reference's) and chunked (ResponseLogProbs) are one function: in fp64 they
+    agree to rounding, in the log-probs and in every parameter's gradient."""
+    model = tiny_random_model(tied=tied).double().train()
+    torch.manual_seed(0)
+    examples = [dpo._build_example(torch.randint(3, 97, (p,)).tolist(), torch.randint(3, 97, (c,)).tolist(),
+                                   torch.randint(3, 97, (r,)).tolist(), None, 8, 20)
+                for p, c, r in [(3, 5, 9), (8, 2, 4), (12, 15, 1)]]
+    batch = collate(examples, pad_id=0)
+    results = {}
+    for chunked in (False, True):
+        model.zero_grad()
+        logps, counts = batch_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                    chunked=chunked, chunk_size=4)
+        (logps * torch.linspace(-1, 2, 6, dtype=torch.float64)).sum().backward()
+        results[chunked] = logps.detach(), counts, {n: p.grad.clone() for n, p in model.named_parameters()}
+    (plain, plain_n, plain_grads), (chunked, chunked_n, chunked_grads) = results[False], results[True]
+    assert plain.dtype == chunked.dtype == torch.float64 and torch.equal(plain_n, chunked_n)
+    torch.testing.assert_close(chunked, plain, rtol=1e-12, atol=1e-12)
+    assert plain_grads.keys() == chunked_grads.keys()
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(chunked_grads[name], grad, rtol=1e-10, atol=1e-12, msg=name)
+
+
 def test_response_log_probs_gradcheck():
     torch.manual_seed(0)
     hidden = torch.randn(13, 8, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(20, 8, dtype=torch.float64, requires_grad=True)
     targets = torch.randint(0, 20, (13,))
-    fn = lambda h, w: train_dpo.ResponseLogProbs.apply(h, w, targets, 4)  # noqa: E731
+    fn = lambda h, w: dpo.ResponseLogProbs.apply(h, w, targets, 4)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (hidden, weight))
     expected = (hidden @ weight.T).log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
     torch.testing.assert_close(fn(hidden, weight), expected)
@@ -142,7 +171,7 @@ def test_response_log_probs_gradcheck():
 
 def test_compute_logps_splits_chosen_and_rejected():
     model = tiny_random_model()
-    examples = [train_dpo._build_example([1, 5, 6], [7, 8], [9, 10, 11, 12], 1, 8, 20) for _ in range(3)]
+    examples = [dpo._build_example([1, 5, 6], [7, 8], [9, 10, 11, 12], 1, 8, 20) for _ in range(3)]
     batches = [collate(examples[:2], 0), collate(examples[2:], 0)]
     out = compute_logps(model, batches, "cpu")
     assert out["chosen_logps"].shape == out["rejected_logps"].shape == (3,)
@@ -188,10 +217,10 @@ def test_builder_gives_equal_lengths_and_no_eos_on_real_pairs():
     """On the real English training pairs with the default model's tokenizer: every pair's two responses have the
     same token count and neither ends in (or holds) EOS, at the CPU preset's max_len and the paper's."""
     import data
-    tok = data.load_tokenizer_of(train_dpo.DEFAULT_MODEL)
+    tok = data.load_tokenizer_of(DEFAULT_MODEL)
     pairs = data.default_split()["train"]
     for max_len in (96, 256):
-        for ex in train_dpo.tokenize_pairs(tok, pairs, 64, max_len):
+        for ex in dpo.tokenize_pairs(tok, pairs, 64, max_len):
             n = len(ex["prompt_input_ids"])
             chosen, rejected = ex["chosen_input_ids"][n:], ex["rejected_input_ids"][n:]
             assert len(chosen) == len(rejected) >= 1 and len(ex["chosen_input_ids"]) <= max_len
@@ -215,20 +244,33 @@ def test_real_tokenizer_encodes_prompt_with_bos_and_responses_without():
 
 
 def test_cpu_preset_applies_only_to_unset_flags_of_the_default_model():
-    cfg, source = train_dpo.resolve_config([])
-    for k, v in train_dpo.CPU_PRESET.items():
+    cfg, source = train_config.resolve_config([])
+    for k, v in train_config.CPU_PRESET.items():
         assert getattr(cfg, k) == v and source[k] == "CPU preset"
     assert cfg.optimizer == "rmsprop" and cfg.batch_size == 4 and cfg.patience == 10
-    cfg, source = train_dpo.resolve_config(["--lr", "1e-5", "--no-freeze-embeddings"])
+    cfg, source = train_config.resolve_config(["--lr", "1e-5", "--no-freeze-embeddings"])
     assert cfg.lr == 1e-5 and source["lr"] == "flag" and cfg.freeze_embeddings is False and cfg.max_len == 96
-    cfg, _ = train_dpo.resolve_config(["--model", "other"])
+    cfg, _ = train_config.resolve_config(["--model", "other"])
     assert (cfg.lr, cfg.warmup_steps, cfg.max_len, cfg.max_steps, cfg.freeze_embeddings, cfg.eval_every) == \
         (1e-5, 150, 256, None, False, 100)
-    cfg, _ = train_dpo.resolve_config(["--device", "cuda"])
+    cfg, _ = train_config.resolve_config(["--device", "cuda"])
     assert cfg.lr == 1e-5
     with pytest.raises(ValueError, match="max-len"):
-        train_dpo.resolve_config(["--max-len", "32", "--max-prompt-len", "64"])
-    assert "CPU PRESET" in train_dpo.build_parser().format_help()
+        train_config.resolve_config(["--max-len", "32", "--max-prompt-len", "64"])
+    assert "CPU PRESET" in train_config.build_parser().format_help()
+
+
+def test_log_prob_path_and_compute_dtype_defaults():
+    cfg, _ = train_config.resolve_config(["--model", "other", "--device", "cpu"])
+    assert (cfg.logps, cfg.dtype) == ("plain", "fp32")  # the reference's log-probs; fp32 on CPU
+    cfg, source = train_config.resolve_config(["--device", "cpu"])
+    assert cfg.logps == "chunked" and source["logps"] == "CPU preset"  # 262k vocabulary: no full logits
+    cfg, _ = train_config.resolve_config(["--model", "other", "--device", "cuda"])
+    assert cfg.dtype == "bf16"
+    cfg, _ = train_config.resolve_config(["--device", "cpu", "--dtype", "bf16", "--logps", "plain"])
+    assert (cfg.logps, cfg.dtype) == ("plain", "bf16")
+    key = runstate.reference_key  # the cached reference log-probs are keyed by the path (it moves the last bits)
+    assert key(cfg, [], []) != key(dataclasses.replace(cfg, logps="chunked"), [], [])
 
 
 # -----------------------------------------------------------------------------
@@ -264,8 +306,8 @@ def read_metrics(run_dir, drop_timing=True):
 def pair_loss(model_dir, tmp_path):
     """Mean DPO loss and reward accuracy of a checkpoint on the training pairs, vs the starting model."""
     pairs = [json.loads(line) for line in (tmp_path / "pairs.jsonl").read_text().splitlines()]
-    policy, tok = model_lib.load_model(model_dir)
-    start, _ = model_lib.load_model(TINY_MODEL)
+    policy, tok = loading.load_model(model_dir)
+    start, _ = loading.load_model(TINY_MODEL)
     examples = [tokenize_pair(tok, p["prompt"], p["chosen"], p["rejected"], 12, 24) for p in pairs]
     batches = [collate(examples[i:i + 4], tok.pad_id) for i in range(0, len(examples), 4)]
     pol, ref = compute_logps(policy, batches, "cpu"), compute_logps(start, batches, "cpu")
@@ -301,11 +343,11 @@ def test_valid_data_file_is_the_validation_set(tmp_path):
     pairs = [json.loads(line) for line in write_pairs(tmp_path / "pairs.jsonl").read_text().splitlines()]
     valid = tmp_path / "valid.jsonl"
     valid.write_text("".join(json.dumps(p) + "\n" for p in pairs[:3]))
-    cfg = train_dpo.TrainConfig(data=str(tmp_path / "pairs.jsonl"), valid_data=str(valid))
+    cfg = train_config.TrainConfig(data=str(tmp_path / "pairs.jsonl"), valid_data=str(valid))
     train, held, _ = train_dpo.load_splits(cfg)
     assert len(train) == len(pairs) and [p["prompt"] for p in held] == [p["prompt"] for p in pairs[:3]]
     with pytest.raises(ValueError, match="--valid-data needs --data"):
-        train_dpo.check_config(train_dpo.TrainConfig(valid_data=str(valid)))
+        train_config.check_config(train_config.TrainConfig(valid_data=str(valid)))
 
 
 def test_seed_sets_data_order_and_lora_init(tmp_path):
@@ -333,7 +375,7 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, monkeypatch, capsys):
         f.write(json.dumps({"step": 99, "split": "train", "loss": 0.0}) + "\n")
     train_dpo.main(["--out", str(parts), "--resume", "--max-steps", "7"])
     calls = []
-    monkeypatch.setattr(train_dpo, "compute_logps", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(runstate, "compute_logps", lambda *a, **k: calls.append(1))
     capsys.readouterr()
     train_dpo.main(["--out", str(parts), "--resume", "--max-steps", "10"])
     assert calls == [] and "reusing" in capsys.readouterr().out  # the cached reference log-probs were reused
@@ -363,9 +405,11 @@ def test_early_stopping_keeps_the_best_checkpoint(tmp_path):
     assert (out / "best" / "config.json").exists()
 
 
-def test_frozen_reference_model_matches_cached_log_probs(tmp_path):
-    train_dpo.main(run_args(tmp_path, tmp_path / "cache", "--max-steps", "4"))
-    train_dpo.main(run_args(tmp_path, tmp_path / "frozen", "--max-steps", "4", "--ref-model", "frozen"))
+@pytest.mark.parametrize("logps", ["plain", "chunked"])
+def test_frozen_reference_model_matches_cached_log_probs(tmp_path, logps):
+    train_dpo.main(run_args(tmp_path, tmp_path / "cache", "--max-steps", "4", "--logps", logps))
+    train_dpo.main(run_args(tmp_path, tmp_path / "frozen", "--max-steps", "4", "--ref-model", "frozen",
+                            "--logps", logps))
     cached, frozen = read_metrics(tmp_path / "cache"), read_metrics(tmp_path / "frozen")
     assert [m["step"] for m in cached] == [m["step"] for m in frozen]
     for a, b in zip(cached, frozen):
@@ -394,7 +438,7 @@ def test_bad_rows_stop_the_run_unless_skipped(tmp_path, capsys):
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    real_loss, calls = train_dpo.preference_loss, []
+    real_loss, calls = dpo.preference_loss, []
 
     def poisoned(*args, **kwargs):
         losses, chosen, rejected = real_loss(*args, **kwargs)
@@ -402,15 +446,41 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
         # training forwards: 1 per step; evaluation at step 4 adds 1 (4 valid pairs, eval batch 4)
         return (losses * float("nan") if len(calls) == 7 else losses), chosen, rejected
 
-    monkeypatch.setattr(train_dpo, "preference_loss", poisoned)
+    monkeypatch.setattr(dpo, "preference_loss", poisoned)
     out = tmp_path / "run"
     with pytest.raises(FloatingPointError, match=r"step 6\b.*last good checkpoint is .*last"):
         train_dpo.main(run_args(tmp_path, out, "--max-steps", "12"))
     state = torch.load(out / "last" / "state.pt", weights_only=True)
     assert state["step"] == 4
-    weights, _ = model_lib.load_model(out / "last")
+    weights, _ = loading.load_model(out / "last")
     assert all(torch.isfinite(p).all() for p in weights.parameters())
     assert max(m["step"] for m in read_metrics(out)) == 5  # nothing logged from the poisoned step on
+
+
+def test_an_overflowing_update_is_not_saved(tmp_path):
+    """The loss of step 1 is finite (computed before the update); the weights after it are not: RMSprop's first
+    step moves each weight by lr * g / sqrt(0.01 g^2) = 10 lr, past float32's 3.4e38."""
+    out = tmp_path / "run"
+    with pytest.raises(FloatingPointError, match="non-finite weights after step 1"):
+        train_dpo.main(run_args(tmp_path, out, "--max-steps", "1", "--optimizer", "rmsprop", "--lr", "1e38"))
+    assert not (out / "last").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lr", "inf"], "--lr must be a finite number"),
+    (["--grad-clip", "nan"], "--grad-clip must be a finite number"),
+    (["--warmup-steps", "-5"], "--warmup-steps must be >= 0"),
+])
+def test_flags_that_would_train_silently_wrong_are_refused(flags, message):
+    with pytest.raises(ValueError, match=message):
+        train_config.resolve_config(["--model", "org/other", *flags])
+
+
+def test_the_run_directory_may_not_be_the_model_directory(tmp_path):
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    with pytest.raises(ValueError, match="is the --model directory"):
+        train_config.resolve_config(["--model", str(model_dir), "--out", str(model_dir)])
 
 
 def test_corrupted_resume_state_is_a_one_line_error(tmp_path):

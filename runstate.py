@@ -1,0 +1,210 @@
+"""
+What a DPO run keeps on disk, so that a killed run resumes exactly where it stopped:
+
+    RUN/config.json    the resolved configuration (read back by --resume)
+    RUN/ref_logps.pt   reference log-probs of every pair, computed once with the starting model (keyed by
+                       everything they depend on, and filled in batch by batch as a run needs them)
+    RUN/last/          the latest checkpoint and last/state.pt (optimizer, step, RNG, early-stopping counters,
+                       the metric sums of the open log window), swapped in as one directory
+    RUN/best/          the checkpoint with the lowest validation loss
+    RUN/metrics.jsonl  one JSON object per log/eval point
+
+train_dpo.py is the only user; dpo.py holds the DPO computation itself.
+"""
+
+import hashlib
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+import lora
+from dpo import collate, compute_logps
+from loading import load_adapter_model, load_model, save_model
+from report import atomic_write, write_text
+
+# -----------------------------------------------------------------------------
+# Reference log-probs: one pass with the starting model, cached next to the run
+
+
+def reference_key(cfg, train, valid):
+    """Hash of everything the reference log-probs depend on: model, compute dtype, log-prob path, truncation and
+    token ids."""
+    # LoRA stores the base in --dtype rather than fp32, and the plain and chunked log-prob paths round
+    # differently: both change the last bits of the log-probs
+    h = hashlib.sha256(json.dumps([cfg.model, cfg.dtype, cfg.lora_rank > 0, cfg.logps, cfg.max_prompt_len,
+                                   cfg.max_len]).encode())
+    for ex in train + valid:
+        h.update(json.dumps([len(ex["prompt_input_ids"]), ex["chosen_input_ids"],
+                             ex["rejected_input_ids"]]).encode())
+    return h.hexdigest()
+
+
+def fixed_batches(order, size):
+    """Consecutive batches of pair ids over a fixed order of ALL pairs. The reference pass runs on these, so a
+    pair's reference log-prob depends only on its fixed batch (padding changes the last bits), never on which
+    pairs a run happened to need: a run extended on resume gets the values of one planned that long. Training
+    pairs follow the first epoch's order, so a short run touches few batches; validation pairs are sorted by
+    length (less padding)."""
+    return [order[i:i + size] for i in range(0, len(order), size)]
+
+
+def by_length(examples):
+    return sorted(range(len(examples)), key=lambda i: len(examples[i]["chosen_input_ids"]) +
+                  len(examples[i]["rejected_input_ids"]))
+
+
+def update_reference_cache(path, key, splits, batches, needed, load_start_model, pad_id, cfg, device):
+    """Fill in the reference log-probs of the `needed` pair ids of each split, computing only the fixed
+    batches that miss some, and rewrite the cache atomically. splits: {name: examples}, batches: {name:
+    fixed_batches(...)}, needed: {name: set of ids}; load_start_model() -> model is called only if something
+    must be computed. The pass runs in cfg.dtype on cfg.logps's path, as the policy's does."""
+    cache = None
+    if path.exists():
+        try:
+            cache = torch.load(path, weights_only=True)
+        except Exception as e:  # a cache: recompute rather than fail
+            print(f"warning: {path} unreadable ({type(e).__name__}); recomputing reference log-probs")
+    if cache is None or cache.get("key") != key:
+        cache = {"key": key, **{name: {side: torch.full((len(ex),), float("nan")) for side in ("chosen", "rejected")}
+                                for name, ex in splits.items()}}
+    todo = {name: [chunk for chunk in batches[name]
+                   if any(i in needed[name] and math.isnan(cache[name]["chosen"][i]) for i in chunk)]
+            for name in splits}
+    n_todo = sum(len(chunk) for chunks in todo.values() for chunk in chunks)
+    if n_todo == 0:
+        print(f"reference log-probs: reusing {path}")
+        return cache
+    model = load_start_model().eval()
+    for name, chunks in todo.items():
+        if not chunks:
+            continue
+        collated = [collate([splits[name][i] for i in chunk], pad_id) for chunk in chunks]
+        out = compute_logps(model, collated, device, cfg.dtype, desc=f"reference log-probs ({name})",
+                            chunked=cfg.logps == "chunked")
+        index = torch.tensor([i for chunk in chunks for i in chunk])
+        cache[name]["chosen"][index] = out["chosen_logps"]
+        cache[name]["rejected"][index] = out["rejected_logps"]
+    atomic_write(path, lambda f: torch.save(cache, f))
+    print(f"reference log-probs: computed {n_todo} pairs with the starting model -> {path}")
+    return cache
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: HF-format directories, swapped in atomically, and the run's config
+
+
+def read_run_config(run_dir):
+    """RUN/config.json, the resolved configuration a run wrote when it started (read back by --resume)."""
+    path = Path(run_dir) / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no run to resume (config.json missing)")
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{path}: unreadable run config ({e})") from None
+
+
+def save_checkpoint(model, tokenizer, path, state=None):
+    """Write model (its LoRA adapters alone, if it has any) and resume state to a temp dir, then rename it into
+    place. A crash leaves either the old or the new directory: a directory cannot be os.replace'd over a
+    non-empty one, so the old one is first moved aside to .NAME.old, which `find_checkpoint` falls back to if
+    the crash hit between the renames."""
+    path = Path(path)
+    tmp, old = path.with_name(f".{path.name}.tmp"), path.with_name(f".{path.name}.old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if lora.lora_layers(model):
+        lora.save_adapters(model, tmp, model.name_or_path)
+    else:
+        save_model(model, tokenizer, tmp)
+    if state is not None:
+        torch.save(state, tmp / "state.pt")
+    if path.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def find_checkpoint(path):
+    path = Path(path)
+    old = path.with_name(f".{path.name}.old")
+    return path if path.exists() else old if old.exists() else None
+
+
+def load_resume_state(run_dir, device, dtype):
+    """(model, tokenizer, state) from RUN/last, or a one-line error saying what is wrong. LoRA adapters are
+    put back on their base model (stored in `dtype`) unmerged, to train on."""
+    last = find_checkpoint(Path(run_dir) / "last")
+    if last is None or not (last / "state.pt").exists():
+        raise FileNotFoundError(f"{Path(run_dir) / 'last' / 'state.pt'}: nothing to resume (no checkpoint "
+                                "was saved yet; start the run again without --resume)")
+    try:
+        state = torch.load(last / "state.pt", map_location="cpu", weights_only=True)
+        missing = {"step", "optimizer", "rng", "best_val_loss", "bad_evals", "window"} - set(state)
+        if missing:
+            raise KeyError(f"missing {sorted(missing)}")
+    except Exception as e:
+        raise ValueError(f"{last / 'state.pt'}: corrupted resume state ({first_line(e)}); delete {run_dir} "
+                         "to restart") from None
+    try:
+        if lora.is_adapter_dir(last):
+            model, tokenizer = load_adapter_model(last, device, dtype, merged=False)
+        else:
+            model, tokenizer = load_model(last, device=device)
+    except Exception as e:
+        raise ValueError(f"{last}: corrupted checkpoint ({first_line(e)})") from None
+    return model, tokenizer, state
+
+
+def first_line(error):
+    return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else 'unreadable'}"
+
+
+def rng_state():
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# -----------------------------------------------------------------------------
+# Metrics and memory
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per log/eval point, appended and flushed as they happen."""
+
+    def __init__(self, path, enabled, resume_step=None):
+        self.path, self.enabled = Path(path), enabled
+        if not enabled:
+            return
+        lines = []
+        if resume_step is not None and self.path.exists():
+            # a killed run may have logged past its last checkpoint: those steps will be redone
+            lines = [line for line in self.path.read_text().splitlines()
+                     if line.strip() and json.loads(line)["step"] <= resume_step]
+        write_text(self.path, "".join(line + "\n" for line in lines))
+
+    def write(self, record):
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def peak_memory_mb(device):
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB on Linux
