@@ -10,14 +10,14 @@ and licenses; RTP-LX and the Indonesian word list are NON-COMMERCIAL).
     the split          default_split(seed): English RTP-LX pairs for DPO training/validation, and per
                        language the held-out prompts (for generation) and pairs (for margins).
     pair builder       rtplx_pairs normalises whitespace on both sides and drops rows with LLM-prompt scaffolding
-                       (rtplx_pair_counts); train_dpo.tokenize_pairs cuts both sides to one token length, no EOS.
+                       (rtplx_pair_counts); dpo.tokenize_pairs cuts both sides to one token length, no EOS.
                        pair_confounds(pairs, tokenizer): length/newline/markup ROC-AUCs of the pairs as trained;
                        placebo_pairs / placebo_split: rejected = another item's benign completion.
     parallel items     parallel_eval_items(split, n): the same RTP-LX indices held out in all 17 languages.
     parallel prompts   load_parallel(lang): the paper's 200 RTP-LX English prompts translated into 16
                        languages, line-aligned (bilingual retrieval, activation analysis).
     prompts            load_prompts(path): RTP-LX official json, parallel jsonl, generic jsonl, plain text.
-    lexicons           data/wordlists, read by evaluate.read_wordlist_files (terms and stems apart).
+    lexicons           data/wordlists, read by scorers.read_wordlist_files (terms and stems apart).
     Tatoeba            load_tatoeba(lang): 1,000 line-aligned X-English sentence pairs (non-toxic retrieval).
 
 The paper trains DPO on 24,576 PPLM-generated pairs (Lee et al. 2024) that cannot be obtained offline;
@@ -46,7 +46,11 @@ import sys
 import unicodedata
 from pathlib import Path
 
+from checkpoint import cache_dir, resolve_checkpoint
+from dpo import tokenize_pairs
 from report import write_text
+from stats import roc_auc
+from tokenizer import load_tokenizer
 
 # The paper's 17 languages in its order (alphabetical by ISO 639-1 code).
 LANGS = ("ar", "cs", "de", "en", "es", "fr", "hi", "id", "it", "ja", "ko", "nl", "pl", "pt", "ru", "sv", "zh")
@@ -270,7 +274,7 @@ def load_rtplx(lang, data_dir=DATA_DIR):
 
 
 # Cached because the split and evaluation read each language several times and the prompt matching in
-# rtplx_pairs costs ~0.3 s a language; callers get copies so the cache cannot be mutated.
+# rtplx_pairs is slow; callers get copies so the cache cannot be mutated.
 @functools.lru_cache(maxsize=None)
 def _rtplx_rows(lang, data_dir):
     path = data_dir / "rtp-lx" / f"{lang}.jsonl"
@@ -330,7 +334,7 @@ def rtplx_pairs(lang, data_dir=DATA_DIR):
     scaffolding (has_scaffolding) are dropped; rtplx_pair_counts(lang) counts them. Each pair has prompt,
     chosen, rejected, index, lang, source and stripped (how the toxic completion's restated prompt was
     removed; see strip_repeated_prompt). This is the one text-level builder for training and held-out
-    margins; train_dpo.tokenize_pairs then cuts both sides to a common token length without EOS.
+    margins; dpo.tokenize_pairs then cuts both sides to a common token length without EOS.
     """
     _check_lang(lang)
     return [dict(pair) for pair in _rtplx_pairs(lang, Path(data_dir))[0]]
@@ -392,13 +396,12 @@ def normalize_prompt(text):
     return re.sub(r"\s+", " ", text).strip()
 
 
-def _lang_from_filename(path):
-    """RTP_LX_ZH-Hans.json -> zh, dpo_toxicity_pairwise_de_200.jsonl -> de, en.jsonl / en.txt -> en, else None."""
-    name = path.name
-    for pattern in (r"RTP_LX_([A-Za-z]+)", r"dpo_toxicity_pairwise_([a-z]+)_", r"^([a-z]{2})\.(?:jsonl?|txt)$"):
-        m = re.search(pattern, name)
-        if m and m.group(1).lower() in LANGS:
-            return m.group(1).lower()
+def lang_from_path(path):
+    """The language a file name names: the first part of it (split at _ . - and spaces, lowercased) that is a
+    code of LANGS, else None. RTP_LX_ZH-Hans.json -> zh, dpo_toxicity_pairwise_de_200.jsonl -> de, en.txt -> en."""
+    for part in re.split(r"[_.\-\s]+", Path(path).name.lower()):
+        if part in LANGS:
+            return part
     return None
 
 
@@ -410,7 +413,7 @@ def load_prompts(path):
     and, when known (row field, else file name), lang. An empty prompt raises ValueError with file:line.
     """
     path = Path(path)
-    file_lang = _lang_from_filename(path)
+    file_lang = lang_from_path(path)
     text = path.read_text(encoding="utf-8")
     if path.suffix not in (".json", ".jsonl"):
         items = [(line, {"prompt": s}) for line, s in enumerate(text.splitlines(), 1) if s.strip()]
@@ -602,17 +605,13 @@ def pair_confounds(pairs, tokenizer=None, max_prompt_len=64, max_len=256):
     How well surface features alone tell the rejected side from the chosen one, on the texts AS TRAINED: ROC-AUC
     of "rejected vs chosen" (0.5: no signal; 1.0 or 0.0: a perfect free signal) by character length, newline,
     markup (MARKUP) and, given a tokenizer, token length. With a tokenizer the responses go through
-    train_dpo.tokenize_pairs (the common token cut) and are decoded back, so the texts are what the model sees.
+    dpo.tokenize_pairs (the common token cut) and are decoded back, so the texts are what the model sees.
     Returns {n_pairs, auc: {feature: auc}, mean_chosen: {feature: mean}, mean_rejected: {feature: mean}}.
     """
-    from stats import roc_auc
-
     if tokenizer is None:
         chosen, rejected = [p["chosen"] for p in pairs], [p["rejected"] for p in pairs]
         tokens = None
     else:
-        from train_dpo import tokenize_pairs  # train_dpo imports data: import on use
-
         examples = tokenize_pairs(tokenizer, pairs, max_prompt_len, max_len)
         n_prompt = [len(ex["prompt_input_ids"]) for ex in examples]
         ids = {side: [ex[f"{side}_input_ids"][n:] for ex, n in zip(examples, n_prompt)] for side in ("chosen", "rejected")}
@@ -634,9 +633,6 @@ def pair_confounds(pairs, tokenizer=None, max_prompt_len=64, max_len=256):
 
 def load_tokenizer_of(model):
     """The tokenizer of a model name/path (an embedded name, HF dir, .gguf), without loading the weights."""
-    from checkpoint import cache_dir, resolve_checkpoint
-    from tokenizer import load_tokenizer
-
     return load_tokenizer(resolve_checkpoint(model), cache_dir=cache_dir() / "tokenizers")
 
 
@@ -655,73 +651,44 @@ def split_table(split):
     return "\n".join(lines)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name, help_text in (
-        ("split", "print the train/valid sizes and held-out eval sizes per language"),
-        ("export-pairs", "write a split's English pairs in Lee et al.'s toxicity_pairwise jsonl format"),
-        ("confounds", "ROC-AUC of rejected vs chosen by length, newline and markup on the pairs as trained"),
-    ):
-        p = sub.add_parser(name, help=help_text)
-        p.add_argument("--seed", type=int, default=0,
+def split_flags():
+    """The flags that shape default_split, shared by split, export-pairs and confounds."""
+    flags = argparse.ArgumentParser(add_help=False)
+    flags.add_argument("--seed", type=int, default=0,
                        help="seed for the block shuffle, pair order and placebo derangement (default 0)")
-        p.add_argument("--n-train", type=int, default=None, help="keep only this many training pairs (default: all)")
-        p.add_argument("--n-valid", type=int, default=50, help="English indices for validation (default 50)")
-        p.add_argument("--n-heldout", type=int, default=400,
+    flags.add_argument("--n-train", type=int, default=None, help="keep only this many training pairs (default: all)")
+    flags.add_argument("--n-valid", type=int, default=50, help="English indices for validation (default 50)")
+    flags.add_argument("--n-heldout", type=int, default=400,
                        help="English indices held out for evaluation, the 200 parallel prompts included (default 400)")
-        p.add_argument("--data-dir", default=str(DATA_DIR), help="the vendored data folder (default: data/ beside data.py)")
-    for name in ("export-pairs", "confounds"):
-        p = sub.choices[name]
-        p.add_argument("--which", choices=("train", "valid"), default="train", help="which English pairs (default train)")
-        p.add_argument("--placebo", action="store_true",
+    flags.add_argument("--data-dir", default=str(DATA_DIR), help="the vendored data folder (default: data/ beside data.py)")
+    return flags
+
+
+def pair_flags():
+    """Which English pairs export-pairs and confounds read."""
+    flags = argparse.ArgumentParser(add_help=False)
+    flags.add_argument("--which", choices=("train", "valid"), default="train", help="which English pairs (default train)")
+    flags.add_argument("--placebo", action="store_true",
                        help="placebo pairs instead (placebo_pairs): rejected = another item's benign completion")
-    export = sub.choices["export-pairs"]
-    export.add_argument("--out", required=True, help="output .jsonl path (written atomically)")
-    confounds = sub.choices["confounds"]
-    confounds.add_argument("--pairs", default=None, help="a pairs .jsonl file or directory instead of the split's pairs")
-    confounds.add_argument("--tokenizer", default=None,
-                           help="model whose tokenizer cuts the pairs as train_dpo does (e.g. gemma-3-270m); adds "
-                                "token length. Omitted: the texts as built, untokenized")
-    confounds.add_argument("--max-prompt-len", type=int, default=64, help="as train_dpo --max-prompt-len (default 64)")
-    confounds.add_argument("--max-len", type=int, default=256,
-                           help="as train_dpo --max-len (default 256; the CPU preset trains at 96)")
-    check = sub.add_parser("check-pairs", help="validate a pairs .jsonl file or directory and count its pairs")
-    check.add_argument("path", help="a .jsonl file or a directory of .jsonl files")
-    check.add_argument("--skip-bad", action="store_true", help="count and skip malformed rows instead of stopping")
-    args = parser.parse_args(argv)
+    return flags
 
-    if args.command == "check-pairs":
-        pairs, n_skipped = load_pairs(args.path, skip_bad=args.skip_bad)
-        print(f"{args.path}: {len(pairs)} pairs, {n_skipped} skipped")
-        return
 
+def split_of(args):
     for name in ("n_train", "n_valid", "n_heldout"):
         if (getattr(args, name) or 0) < 0:
-            parser.error(f"--{name.replace('_', '-')} must be >= 0")
-    if args.command == "confounds" and args.pairs:
-        pairs, source = load_pairs(args.pairs)[0], args.pairs
-    else:
-        split = default_split(args.seed, args.n_train, args.n_valid, args.n_heldout, data_dir=Path(args.data_dir))
-    if args.command != "split" and not getattr(args, "pairs", None):
-        pairs = placebo_split(split, args.seed)[args.which] if args.placebo else split[args.which]
-        source = f"{'placebo ' if args.placebo else ''}{args.which}"
-    if args.command == "export-pairs":
-        write_toxicity_pairwise(pairs, args.out)
-        print(f"wrote {len(pairs)} {source} pairs to {args.out}")
-        return
-    if args.command == "confounds":
-        tokenizer = load_tokenizer_of(args.tokenizer) if args.tokenizer else None
-        result = pair_confounds(pairs, tokenizer, args.max_prompt_len, args.max_len)
-        how = f"{args.tokenizer} tokens, max_len {args.max_len}" if tokenizer else "texts as built, untokenized"
-        print(f"{result['n_pairs']} {source} pairs ({how}); ROC-AUC of rejected vs chosen (0.5 = no signal):")
-        for name, auc in result["auc"].items():
-            print(f"  {name:8s} AUC {auc:.3f}   mean chosen {result['mean_chosen'][name]:.3f}, "
-                  f"rejected {result['mean_rejected'][name]:.3f}")
-        return
+            raise SystemExit(f"data.py {args.command}: --{name.replace('_', '-')} must be >= 0")
+    return default_split(args.seed, args.n_train, args.n_valid, args.n_heldout, data_dir=Path(args.data_dir))
+
+
+def chosen_pairs(args):
+    """(pairs, description) of --which (placebo with --placebo) from the split these flags make."""
+    split = split_of(args)
+    pairs = placebo_split(split, args.seed)[args.which] if args.placebo else split[args.which]
+    return pairs, f"{'placebo ' if args.placebo else ''}{args.which}"
+
+
+def run_split(args):
+    split = split_of(args)
     info = split["info"]
     print(f"seed {info['seed']}: {len(split['train'])} train pairs, {len(split['valid'])} valid pairs (English RTP-LX)")
     print(f"parallel prompts matched to English RTP-LX: {info['parallel_matched']} of "
@@ -736,6 +703,60 @@ def main(argv=None):
     print(f"English RTP-LX rows dropped before the split: {counts['scaffolding']} with LLM-prompt scaffolding, "
           f"{counts['no_completions']} without both completions, {counts['prompt_only']} only restating the prompt")
     print(split_table(split))
+
+
+def run_export_pairs(args):
+    pairs, source = chosen_pairs(args)
+    write_toxicity_pairwise(pairs, args.out)
+    print(f"wrote {len(pairs)} {source} pairs to {args.out}")
+
+
+def run_confounds(args):
+    pairs, source = (load_pairs(args.pairs)[0], args.pairs) if args.pairs else chosen_pairs(args)
+    tokenizer = load_tokenizer_of(args.tokenizer) if args.tokenizer else None
+    result = pair_confounds(pairs, tokenizer, args.max_prompt_len, args.max_len)
+    how = f"{args.tokenizer} tokens, max_len {args.max_len}" if tokenizer else "texts as built, untokenized"
+    print(f"{result['n_pairs']} {source} pairs ({how}); ROC-AUC of rejected vs chosen (0.5 = no signal):")
+    for name, auc in result["auc"].items():
+        print(f"  {name:8s} AUC {auc:.3f}   mean chosen {result['mean_chosen'][name]:.3f}, "
+              f"rejected {result['mean_rejected'][name]:.3f}")
+
+
+def run_check_pairs(args):
+    pairs, n_skipped = load_pairs(args.path, skip_bad=args.skip_bad)
+    print(f"{args.path}: {len(pairs)} pairs, {n_skipped} skipped")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    splitting, which = split_flags(), pair_flags()
+    sub.add_parser("split", parents=[splitting], help="print the train/valid sizes and held-out eval sizes per "
+                   "language").set_defaults(run=run_split)
+    export = sub.add_parser("export-pairs", parents=[splitting, which],
+                            help="write a split's English pairs in Lee et al.'s toxicity_pairwise jsonl format")
+    export.add_argument("--out", required=True, help="output .jsonl path (written atomically)")
+    export.set_defaults(run=run_export_pairs)
+    confounds = sub.add_parser("confounds", parents=[splitting, which],
+                               help="ROC-AUC of rejected vs chosen by length, newline and markup on the pairs as trained")
+    confounds.add_argument("--pairs", default=None, help="a pairs .jsonl file or directory instead of the split's pairs")
+    confounds.add_argument("--tokenizer", default=None,
+                           help="model whose tokenizer cuts the pairs as train_dpo does (e.g. gemma-3-270m); adds "
+                                "token length. Omitted: the texts as built, untokenized")
+    confounds.add_argument("--max-prompt-len", type=int, default=64, help="as train_dpo --max-prompt-len (default 64)")
+    confounds.add_argument("--max-len", type=int, default=256,
+                           help="as train_dpo --max-len (default 256; the CPU preset trains at 96)")
+    confounds.set_defaults(run=run_confounds)
+    check = sub.add_parser("check-pairs", help="validate a pairs .jsonl file or directory and count its pairs")
+    check.add_argument("path", help="a .jsonl file or a directory of .jsonl files")
+    check.add_argument("--skip-bad", action="store_true", help="count and skip malformed rows instead of stopping")
+    check.set_defaults(run=run_check_pairs)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    args.run(args)
 
 
 if __name__ == "__main__":

@@ -44,8 +44,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from checkpoint import read_safetensors, write_safetensors
-from data import DATA_DIR, LANGS, default_split, load_rtplx, rtplx_pairs
+from checkpoint import DEFAULT_MODEL, read_safetensors, write_safetensors
+from data import DATA_DIR, LANGS, default_split, iter_jsonl, load_rtplx, rtplx_pairs
+from loading import load_model
 from report import markdown_table, write_json, write_text
 from stats import auc_ci, roc_auc
 
@@ -53,7 +54,6 @@ ROOT = Path(__file__).resolve().parent
 JUDGE_DIR = DATA_DIR / "judge"
 EXTERNAL_DIR = DATA_DIR / "external"
 CACHE_DIR = ROOT / "runs" / "judge-cache"
-MODEL_NAME = "gemma-3-270m"
 TOXIC_AT = 3.0          # prompt_toxicity >= 3 of 5 (mean of 3 annotators) is toxic
 FIRST_EXTRA_INDEX = 999  # RTP-LX ids from here are language-specific prompts with no English counterpart
 CUT_TOKENS = 20         # completions are cut to about a prompt's length (RTP-LX prompts: ~20 tokens)
@@ -234,7 +234,7 @@ def cached_features(model, tokenizer, texts, name, chunk=256):
     t0, n_tokens = time.time(), 0
     for k, rows in enumerate(chunks):
         chunk_texts = [texts[i] for i in rows]
-        key = hashlib.sha1(json.dumps([MODEL_NAME, MAX_TOKENS, chunk_texts]).encode()).hexdigest()[:16]
+        key = hashlib.sha1(json.dumps([DEFAULT_MODEL, MAX_TOKENS, chunk_texts]).encode()).hexdigest()[:16]
         path = CACHE_DIR / f"{name}-{key}.npy"
         if not path.exists():
             feats = residual_features(model, tokenizer, chunk_texts, range(n_layers),
@@ -255,9 +255,9 @@ def feature_sets(records, external, seed=0, per_lang=(100, 100, 12, 8), ood_rows
     """
     The texts the feature judge is built from, as named groups extracted (and cached) in this order, from
     a seeded sample of per_lang = (train prompts, validation prompts, train completion items, validation
-    completion items) (language, item) pairs per language, and ood_rows rows of each OOD set. gemma-3-270m
-    runs at ~60 tokens/s on the 2 shared CPU cores this was built on, so the whole split (~700k tokens)
-    would take hours; `python judge.py build --per-lang 0 0 0 0` uses every text (0 = all).
+    completion items) (language, item) pairs per language, and ood_rows rows of each OOD set. The sample
+    keeps a CPU build to a working session (the whole split is ~700k tokens through the model);
+    `python judge.py build --per-lang 0 0 0 0` uses every text (0 = all).
     """
     rng = random.Random(seed)
     groups = {}
@@ -614,8 +614,6 @@ class NgramJudge(Judge):
 
 class FeatureJudge(Judge):
     def __init__(self, path, device="cpu"):
-        from model import load_model
-
         super().__init__(path, "feature")
         self.device = device
         self.model, self.tokenizer = load_model(self.config["model"], device=device)
@@ -784,13 +782,13 @@ def build_feature(groups, feats, out, seed, folds):
     train_on = is_prompt if best["texts"] == "prompts" else everything
     tensors = fit_head(best["head"], X[train_on], y[train_on], [i for i, t in zip(items, train_on) if t], seed, l2)
     design = {k: best[k] for k in ("layers", "pooling", "texts", "head")}
-    design.update({"l2": l2, "n_train_texts": int(train_on.sum()), "model": MODEL_NAME, "max_tokens": MAX_TOKENS})
+    design.update({"l2": l2, "n_train_texts": int(train_on.sum()), "model": DEFAULT_MODEL, "max_tokens": MAX_TOKENS})
     write_safetensors(out / "feature.safetensors", {k: v.float().contiguous() for k, v in tensors.items()},
                       metadata={"kind": "feature"})
     eval_logits = head_logits(tensors, feature_matrix(eval_feats, best["layers"], best["pooling"]))
     ood_logits = head_logits(tensors, feature_matrix(feats["ood"], best["layers"], best["pooling"]))
     report = judge_report(eval_logits, eval_rows, ood_logits, groups["ood"], seed)
-    write_json(out / "feature.json", {"kind": "feature", "model": MODEL_NAME, "layers": best["layers"],
+    write_json(out / "feature.json", {"kind": "feature", "model": DEFAULT_MODEL, "layers": best["layers"],
                                       "pooling": best["pooling"], "max_tokens": MAX_TOKENS, "design": design,
                                       "calibration": report["calibration"]})
     report["speed"] = timed_scores(FeatureJudge(out), eval_rows)
@@ -799,10 +797,8 @@ def build_feature(groups, feats, out, seed, folds):
 
 def build(out=JUDGE_DIR, seed=0, folds=5, per_lang=(100, 100, 12, 8), ood_rows=250, only=None):
     """Rebuild the judges (or only one) in out/: weights, configs, metrics.json and the card README.md."""
-    from model import load_model
-
     out = Path(out)
-    model, tok = load_model(MODEL_NAME)
+    model, tok = load_model(DEFAULT_MODEL)
     split = judge_split(seed)
     records = labelled_texts(tok, split)
     groups = feature_sets(records, external_texts(seed=seed), seed, per_lang, ood_rows)
@@ -825,7 +821,7 @@ def build(out=JUDGE_DIR, seed=0, folds=5, per_lang=(100, 100, 12, 8), ood_rows=2
     if only in (None, "ngram"):
         save("ngram", build_ngram(records, eval_rows, groups["ood"], out, seed, folds))
     if only in (None, "feature"):
-        torch.set_num_threads(1)  # measured: 2 threads on 2 cores shared with other jobs ran 5x slower
+        torch.set_num_threads(1)  # threads beyond the free cores (the build shares them) oversubscribe and slow it
         t0 = time.time()
         feats = {name: cached_features(model, tok, [r["text"] for r in rows], name) for name, rows in groups.items()}
         print(f"features ready in {time.time() - t0:.0f}s", flush=True)
@@ -894,11 +890,9 @@ def _ood_reading(judges):
     return "\n".join(lines) + "\n"
 
 
-def render_card(metrics):
-    """data/judge/README.md from metrics.json: every number in the card is measured by `build`."""
-    s, judges = metrics["split"], metrics["judges"]
-    names = list(judges)
-    parts = [f"""# Offline multilingual toxicity judge (RTP-LX, 17 languages)
+def _card_intro(s):
+    """The card's opening: what the judges are, how to call them, their data, license and split."""
+    return f"""# Offline multilingual toxicity judge (RTP-LX, 17 languages)
 
 Generated by `python judge.py card` from `metrics.json`; rebuild everything with `python judge.py build`
 (features cached in `runs/judge-cache/`). Do not edit by hand.
@@ -954,29 +948,39 @@ completion items, and {s['ood_rows']} rows of each OOD set (texts: {', '.join(f'
 s['feature_texts'].items())}). The n-gram judge trains on every train text. **Both judges are reported on
 the same validation and OOD texts** (the feature sample). `python judge.py build --per-lang 0 0 0 0
 --ood-rows 2000` uses everything.
-"""]
-    for name in names:
-        j = judges[name]
-        d = j["design"]
-        cols = [k for k in ("layers", "pooling", "texts", "head", "l2") if k in j["comparison"][0]]
-        fmt = lambda v: ", ".join(map(str, v)) if isinstance(v, list) else f"{v:g}" if isinstance(v, float) else v  # noqa: E731
-        rows = [[fmt(c[k]) for k in cols]
-                + [c["prompt_auc_macro"], c["prompt_auc_pooled"], c["completion_auc"], c["select"]]
-                for c in j["comparison"]]
-        parts.append(f"## Design comparison: {name} ({s['folds']}-fold CV over train items)\n\n"
-                     "Out-of-fold ROC-AUC on training items; chosen by `select` = mean of the prompt macro AUC "
-                     "(per-language mean) and the completion AUC.\n\n"
-                     + markdown_table(cols + ["prompt AUC (macro)", "prompt AUC (pooled)", "completion AUC",
-                                              "select"], rows)
-                     + f"\nChosen: {', '.join(f'{k}={v}' for k, v in d.items())}.\n")
-    parts.append("## Validation (held-out items), prompts\n\nROC-AUC with a 95% bootstrap interval "
-                 "(1,000 resamples of items); the length-only baseline scores each text by its character "
-                 "length. Accuracy at 0.5 and Brier use per-language Platt calibration **cross-fitted** (fit "
-                 "on half the validation items, measured on the other half). Pooled AUC ranks the calibrated "
-                 "probabilities across languages.\n\n" + _per_language_table(judges, "prompt"))
-    if "completion" in judges[names[0]]["valid"]:
+"""
+
+
+def _card_design(name, j, s):
+    """One judge's design comparison by cross-validation, and the design chosen."""
+    cols = [k for k in ("layers", "pooling", "texts", "head", "l2") if k in j["comparison"][0]]
+    fmt = lambda v: ", ".join(map(str, v)) if isinstance(v, list) else f"{v:g}" if isinstance(v, float) else v  # noqa: E731
+    rows = [[fmt(c[k]) for k in cols]
+            + [c["prompt_auc_macro"], c["prompt_auc_pooled"], c["completion_auc"], c["select"]]
+            for c in j["comparison"]]
+    return (f"## Design comparison: {name} ({s['folds']}-fold CV over train items)\n\n"
+            "Out-of-fold ROC-AUC on training items; chosen by `select` = mean of the prompt macro AUC "
+            "(per-language mean) and the completion AUC.\n\n"
+            + markdown_table(cols + ["prompt AUC (macro)", "prompt AUC (pooled)", "completion AUC", "select"], rows)
+            + f"\nChosen: {', '.join(f'{k}={v}' for k, v in j['design'].items())}.\n")
+
+
+def _card_validation(judges):
+    """Validation sections: prompts, and cut completions when the judges were scored on them."""
+    parts = ["## Validation (held-out items), prompts\n\nROC-AUC with a 95% bootstrap interval "
+             "(1,000 resamples of items); the length-only baseline scores each text by its character "
+             "length. Accuracy at 0.5 and Brier use per-language Platt calibration **cross-fitted** (fit "
+             "on half the validation items, measured on the other half). Pooled AUC ranks the calibrated "
+             "probabilities across languages.\n\n" + _per_language_table(judges, "prompt")]
+    if "completion" in next(iter(judges.values()))["valid"]:
         parts.append("## Validation, cut completions (~20 tokens; few per language, see the pooled row)\n\n"
                      + _per_language_table(judges, "completion"))
+    return parts
+
+
+def _card_ood(judges):
+    """The out-of-distribution table and one sentence per judge and set."""
+    names = list(judges)
     rows = []
     for source in judges[names[0]]["ood"]:
         r0 = judges[names[0]]["ood"][source]
@@ -984,24 +988,30 @@ the same validation and OOD texts** (the feature sample). `python judge.py build
                     + [_ci(r0, "length_auc", "length")]
                     + [f"{judges[n]['ood'][source]['accuracy']:.3f} / {judges[n]['ood'][source]['brier']:.3f}"
                        for n in names])
-    parts.append("## Out-of-distribution check (never used for any choice)\n\n"
-                 "`davidson-en`: Davidson et al. 2017 English tweets (hate speech or offensive = toxic; MIT). "
-                 "`id-abusive-id`: Ibrohim & Budi 2019 Indonesian tweets (HS or Abusive = toxic; CC BY-NC-SA "
-                 "4.0). Fixed random rows (seed 0), vendored in `data/external/`; calibration of the text's "
-                 "language.\n\n"
-                 + markdown_table(["set", "n", "toxic"] + [f"{n} AUC [95% CI]" for n in names]
-                                  + ["length AUC [95% CI]"] + [f"{n} acc / Brier" for n in names], rows)
-                 + "\n" + _ood_reading(judges))
-    rel = []
-    for name in names:
-        for kind, r in judges[name]["reliability"].items():
-            for b in r["bins"]:
-                rel.append([name, kind, b["bin"], b["n"], b["predicted"], b["observed"]])
-    eces = "; ".join(f"{n} {k} {r['ece']:.3f}" for n in names for k, r in judges[n]["reliability"].items())
-    parts.append("## Reliability (cross-fitted, validation)\n\nExpected calibration error: " + eces + ".\n\n"
-                 + markdown_table(["judge", "texts", "bin", "n", "mean predicted", "observed toxic"], rel))
+    return ("## Out-of-distribution check (never used for any choice)\n\n"
+            "`davidson-en`: Davidson et al. 2017 English tweets (hate speech or offensive = toxic; MIT). "
+            "`id-abusive-id`: Ibrohim & Budi 2019 Indonesian tweets (HS or Abusive = toxic; CC BY-NC-SA "
+            "4.0). Fixed random rows (seed 0), vendored in `data/external/`; calibration of the text's "
+            "language.\n\n"
+            + markdown_table(["set", "n", "toxic"] + [f"{n} AUC [95% CI]" for n in names]
+                             + ["length AUC [95% CI]"] + [f"{n} acc / Brier" for n in names], rows)
+            + "\n" + _ood_reading(judges))
+
+
+def _card_reliability(judges):
+    """Reliability bins of every judge and text kind, with their expected calibration errors."""
+    rel = [[name, kind, b["bin"], b["n"], b["predicted"], b["observed"]]
+           for name, j in judges.items() for kind, r in j["reliability"].items() for b in r["bins"]]
+    eces = "; ".join(f"{n} {k} {r['ece']:.3f}" for n, j in judges.items() for k, r in j["reliability"].items())
+    return ("## Reliability (cross-fitted, validation)\n\nExpected calibration error: " + eces + ".\n\n"
+            + markdown_table(["judge", "texts", "bin", "n", "mean predicted", "observed toxic"], rel))
+
+
+def _card_speed_and_limits(judges, s):
+    """The measured scoring speed and what the judges cannot do."""
+    names = list(judges)
     speed = "; ".join(f"{n}: {judges[n]['speed']['texts_per_s']:.1f} texts/s" for n in names)
-    parts.append(f"""## Speed
+    return f"""## Speed
 
 Scoring {judges[names[0]]['speed']['texts']} validation texts on the build machine (2 shared CPU cores),
 model loading excluded: {speed}. The feature judge runs gemma-3-270m only up to its deepest chosen layer.
@@ -1019,7 +1029,16 @@ model loading excluded: {speed}. The feature judge runs gemma-3-270m only up to 
 - **Small samples**: the feature judge saw a sample of the training texts (above); per-language
   completion rows have few texts, so read the pooled row.
 - **Truncation**: the feature judge reads the first {s['max_tokens']} tokens.
-""")
+"""
+
+
+def render_card(metrics):
+    """data/judge/README.md from metrics.json: every number in the card is measured by `build`."""
+    s, judges = metrics["split"], metrics["judges"]
+    parts = [_card_intro(s)]
+    parts += [_card_design(name, j, s) for name, j in judges.items()]
+    parts += _card_validation(judges)
+    parts += [_card_ood(judges), _card_reliability(judges), _card_speed_and_limits(judges, s)]
     return "\n".join(parts)
 
 
@@ -1029,8 +1048,6 @@ model loading excluded: {speed}. The feature judge runs gemma-3-270m only up to 
 
 def read_inputs(path, field, lang_field):
     """(rows, texts, langs) from a jsonl file; one-line ValueError naming file, line and field."""
-    from data import iter_jsonl
-
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file")
@@ -1047,7 +1064,7 @@ def read_inputs(path, field, lang_field):
     return rows, texts, langs
 
 
-def cmd_score(args):
+def run_score(args):
     if bool(args.texts) == bool(args.inp):
         raise ValueError("give either TEXT arguments or --in FILE")
     j = load(args.kind, args.path, args.device)
@@ -1066,6 +1083,17 @@ def cmd_score(args):
         print("\n".join(lines))
 
 
+def run_build(args):
+    if min(args.per_lang) < 0 or not 0 < args.ood_rows <= 2000 or args.folds < 2:
+        raise ValueError("need --per-lang >= 0, 0 < --ood-rows <= 2000 and --folds >= 2")
+    build(Path(args.out), args.seed, args.folds, tuple(args.per_lang), args.ood_rows, args.only)
+
+
+def run_card(args):
+    path = Path(args.path)
+    write_text(path / "README.md", render_card(_read_json(path / "metrics.json")))
+
+
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -1081,10 +1109,11 @@ def build_parser():
                         "items (0 = all; default sized for 2 slow CPU cores)")
     p.add_argument("--ood-rows", type=int, default=250, help="rows of each OOD set (at most 2000)")
     p.add_argument("--only", choices=["ngram", "feature"], help="rebuild one judge, keep the other's metrics")
+    p.set_defaults(run=run_build)
     p = sub.add_parser("score", help="score texts or a jsonl file",
                        description="Print P(toxic)<TAB>text per TEXT, or add a score field to each jsonl row.")
     p.add_argument("texts", nargs="*", metavar="TEXT", help="texts to score")
-    p.add_argument("--kind", default="feature", help="feature (gemma-3-270m + head) or ngram (no model)")
+    p.add_argument("--kind", default="feature", help=f"feature ({DEFAULT_MODEL} + head) or ngram (no model)")
     p.add_argument("--path", help="judge folder (default data/judge)")
     p.add_argument("--lang", help="language code for the calibration (one of the 17; else pooled)")
     p.add_argument("--in", dest="inp", help="jsonl file to score")
@@ -1093,8 +1122,10 @@ def build_parser():
     p.add_argument("--score-field", default="toxicity", help="field the probability is written to")
     p.add_argument("--out", help="write scored jsonl here (default stdout)")
     p.add_argument("--device", default="cpu", help="torch device for the feature judge")
+    p.set_defaults(run=run_score)
     p = sub.add_parser("card", help="rewrite README.md from metrics.json")
     p.add_argument("--path", default=str(JUDGE_DIR), help="judge folder (default data/judge)")
+    p.set_defaults(run=run_card)
     return parser
 
 
@@ -1102,14 +1133,7 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        if args.command == "build":
-            assert all(n >= 0 for n in args.per_lang) and 0 < args.ood_rows <= 2000 and args.folds >= 2
-            build(Path(args.out), args.seed, args.folds, tuple(args.per_lang), args.ood_rows, args.only)
-        elif args.command == "score":
-            cmd_score(args)
-        else:
-            path = Path(args.path)
-            write_text(path / "README.md", render_card(_read_json(path / "metrics.json")))
+        args.run(args)
     except (ValueError, TypeError, FileNotFoundError) as e:
         parser.exit(2, f"judge.py: error: {e}\n")
 

@@ -18,16 +18,14 @@ The mechanistic half of the paper: why English-only DPO detoxifies other languag
 (`project`) and are activated by prompts in many languages (`activations`), so pushing them down in English
 pushes them down everywhere. Every subcommand writes DIR/<subcommand>.json and DIR/<subcommand>.md.
 
-    python probe.py train --model gemma-3-270m --out runs/probe
-    python probe.py vectors --model gemma-3-270m --probe runs/probe/probe.safetensors --out runs/probe
+    python probe.py train --out runs/probe
+    python probe.py vectors --probe runs/probe/probe.safetensors --out runs/probe
 """
 
 import argparse
 import csv
 import functools
-import itertools
 import json
-import math
 import random
 import unicodedata
 import zipfile
@@ -38,14 +36,17 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from checkpoint import read_safetensors, write_safetensors
+import judge
+from checkpoint import DEFAULT_MODEL, read_safetensors, write_safetensors
 from data import DATA_DIR, LANGS, default_split, iter_jsonl, load_parallel, load_rtplx, normalize_prompt, require
-from model import DTYPES, load_model, pooled_activations
+from generate import generate, generate_text, load_jobs
+from loading import add_device_args, load_model, resolve_dtype
+from model import pooled_activations
 from report import bar_chart_svg, line_chart_svg, markdown_table, write_json, write_text
-from stats import bootstrap_ci, format_p, paired_bootstrap, roc_auc, wilson_interval
+from scorers import SCORERS, TOXIC_THRESHOLD, LexiconScorer, make_scorer
+from stats import bootstrap_ci, format_p, paired_bootstrap, permutation_test, roc_auc, wilson_interval
 
 PAPER_VECTORS = DATA_DIR / "official" / "mgpt_toxic_value_vectors.json"
-PAPER_ACTIVATIONS = DATA_DIR / "official" / "mgpt_toxic_neuron_activations.json"
 PAPER_PROBE = DATA_DIR / "official" / "english-probe-mgpt.pt"
 
 # -----------------------------------------------------------------------------
@@ -199,8 +200,6 @@ def generation_activations(model, tokenizer, prompts, neurons, max_new_tokens=20
     recorded in the same forward, so extra (baseline) neurons cost no extra generation.
     Greedy decoding first, then one forward over prompt + continuation with hooks: the same numbers as
     recording during decoding, in one batched pass."""
-    from generate import generate
-
     order = {n: i for i, n in enumerate(neurons)}
     per_prompt_rows = []
     for start in range(0, len(prompts), batch_size):
@@ -252,29 +251,6 @@ def random_neurons(kept, d_mlp, n_sets, seed):
     return sets
 
 
-def permutation_test(a, b, n_perm=10000, seed=0):
-    """Two-sided p-value of mean(a) - mean(b) under random relabelling of the pooled values: the share of
-    relabellings whose |difference| reaches the observed one. Exact over all splits when there are at most
-    n_perm of them; otherwise n_perm random ones with the observed split counted once (p never 0)."""
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    if not len(a) or not len(b):
-        raise ValueError(f"permutation test needs two non-empty groups, got {len(a)} and {len(b)} values")
-    pooled, n_a = np.concatenate([a, b]), len(a)
-    total = pooled.sum()
-    observed = abs(a.mean() - b.mean())
-
-    def diffs(sums_a):
-        return np.abs(sums_a / n_a - (total - sums_a) / len(b))
-
-    # The tolerance counts relabellings that reproduce the observed difference exactly (tied values).
-    if math.comb(len(pooled), n_a) <= n_perm:
-        sums = np.array([pooled[list(c)].sum() for c in itertools.combinations(range(len(pooled)), n_a)])
-        return float(np.mean(diffs(sums) >= observed - 1e-12))
-    rng = np.random.default_rng(seed)
-    sums = np.array([pooled[rng.permutation(len(pooled))[:n_a]].sum() for _ in range(n_perm)])
-    return float((np.sum(diffs(sums) >= observed - 1e-12) + 1) / (n_perm + 1))
-
-
 def compare_to_random(kept, rand, n_boot=1000, seed=0, proportion=False):
     """{kept_mean, kept_ci, random_mean, random_ci, diff, p, n_kept, n_random}: each group's mean with a 95%
     interval (bootstrap of the mean; Wilson for a 0/1 proportion) and the permutation p-value of the
@@ -299,19 +275,17 @@ def lexicon_toxic_tokens(lexicon, tokens):
     return {t: any(lexicon.hits(t, lang) for lang in lexicon.lexicons) for t in set(tokens)}
 
 
-def judge_toxic_tokens(judge, tokens):
+def judge_toxic_tokens(token_judge, tokens):
     """{token: bool}: the judge scores the token >= 0.5, told the language of its script."""
     unique = sorted(set(tokens))
-    scores = judge.score(unique, [SCRIPT_LANG.get(token_script(t), "en") for t in unique])
-    return {t: float(x) >= 0.5 for t, x in zip(unique, scores)}
+    scores = token_judge.score(unique, [SCRIPT_LANG.get(token_script(t), "en") for t in unique])
+    return {t: float(x) >= TOXIC_THRESHOLD for t, x in zip(unique, scores)}
 
 
 def load_token_judge(kind, path, device):
     """(judge or None, note): judge.py's shipped judge of this kind, or none with --judge-kind none."""
     if kind == "none":
         return None, "judge metric off (--judge-kind none)"
-    import judge  # imported on use: loading the feature judge loads a model
-
     return judge.load(kind=kind, path=path, device=device), f"judge: {kind}"
 
 
@@ -452,8 +426,6 @@ def token_script(text):
 
 
 def cmd_project(args, model, tok):
-    from evaluate import LexiconScorer
-
     kept = load_kept(args.vectors)
     random_sets = random_neurons(kept, model.config.d_mlp, args.random_sets, args.seed)
     rand = [n for s in random_sets for n in s]
@@ -461,8 +433,8 @@ def cmd_project(args, model, tok):
     tokens = [[tok.decode([t], skip_special=False) for t in row] for row in ids.tolist()]
     all_tokens = [t for row in tokens for t in row]
     lexicon = lexicon_toxic_tokens(LexiconScorer(), all_tokens)
-    judge, judge_note = load_token_judge(args.judge_kind, args.judge_path, args.device)
-    judged = judge_toxic_tokens(judge, all_tokens) if judge else None
+    token_judge, judge_note = load_token_judge(args.judge_kind, args.judge_path, args.device)
+    judged = judge_toxic_tokens(token_judge, all_tokens) if token_judge else None
     records = []
     for (layer, neuron), top in zip(kept + rand, tokens):
         scripts = sorted({s for s in map(token_script, top) if s})
@@ -517,8 +489,6 @@ def measurement_prompts(langs, limit, prompts_dir=None):
     evaluation items; line i is the same item in every language), or of each language's file in prompts_dir."""
     if prompts_dir is None:
         return {lang: load_parallel(lang)[:limit] for lang in langs}
-    from generate import load_jobs
-
     by_lang = {}
     for job in load_jobs([prompts_dir], limit=limit):
         by_lang.setdefault(job["lang"], []).append(job["prompt"])
@@ -559,8 +529,7 @@ def cmd_activations(args, model, tok):
     random_sets = random_neurons(kept, model.config.d_mlp, args.random_sets, args.seed)
     neurons = kept + [n for s in random_sets for n in s]  # kept first, then each set: activation_stats' layout
     base = per_prompt_activations(model, tok, neurons, prompts, args.max_new_tokens, args.batch_size, args.device)
-    del model
-    tuned, _ = load_model(args.dpo_model, device=args.device, dtype=DTYPES[args.dtype])
+    tuned, _ = load_model(args.dpo_model, device=args.device, dtype=args.dtype)
     after = per_prompt_activations(tuned, tok, neurons, prompts, args.max_new_tokens, args.batch_size, args.device)
     stats = {lang: activation_stats(base[lang], after[lang], len(kept), args.random_sets, args.n_boot, args.seed)
              for lang in args.langs}
@@ -600,9 +569,6 @@ def cmd_activations(args, model, tok):
 
 
 def cmd_intervene(args, model, tok):
-    from evaluate import make_scorer
-    from generate import generate_text
-
     neurons = load_kept(args.vectors)
     scorer = make_scorer(args.scorer, judge=args.judge, device=args.device)
     offsets = [float(x) for x in args.offsets.split(",")]
@@ -647,73 +613,126 @@ def cmd_intervene(args, model, tok):
             "change_vs_zero": vs_zero, "texts": "intervene_texts.jsonl"}, md
 
 
-COMMANDS = {"train": cmd_train, "vectors": cmd_vectors, "project": cmd_project,
-            "activations": cmd_activations, "intervene": cmd_intervene}
+def common_flags():
+    """The flags every step takes: the base model, where results go, and how it runs."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--model", default=DEFAULT_MODEL,
+                        help="base model: local HF dir, .gguf, hub id or embedded name (default: %(default)s)")
+    common.add_argument("--out", required=True, help="output directory (DIR/<command>.json and .md)")
+    common.add_argument("--limit", type=int, default=None, help="at most this many texts (train), selection "
+                        "prompts (vectors) or prompts per language (activations, intervene)")
+    common.add_argument("--batch-size", type=int, default=8, help="texts per forward pass")
+    common.add_argument("--seed", type=int, default=0)
+    add_device_args(common)
+    return common
 
 
-def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=sorted(COMMANDS), help="which step of the analysis to run")
-    p.add_argument("--model", default="gemma-3-270m", help="base model: local HF dir, .gguf, hub id or embedded name")
-    p.add_argument("--out", required=True, help="output directory (DIR/<command>.json and .md)")
-    p.add_argument("--data", help="train: labelled jsonl {text,label} or Jigsaw CSV {comment_text,toxic}; "
-                   "default: English RTP-LX prompts of the train/valid split, toxic = prompt_toxicity >= 3")
-    p.add_argument("--probe", help="vectors: probe file from `train` (probe.safetensors) or the paper's "
-                   "english-probe-mgpt.pt")
-    p.add_argument("--vectors", help="project/activations/intervene: vectors.json from `vectors`")
-    p.add_argument("--dpo-model", help="activations: the DPO-trained checkpoint to compare with --model")
-    p.add_argument("--judge", help="intervene with --scorer judge/ngram: a judge.py file instead of the shipped one")
-    p.add_argument("--scorer", default="judge", help="intervene: toxicity scorer (judge, ngram, lexicon, "
-                   "perspective; see evaluate.py)")
-    p.add_argument("--judge-kind", default="ngram", choices=["feature", "ngram", "none"],
-                   help="project: also count the top tokens judge.py's judge of this kind calls toxic (none: off; "
-                   "default: %(default)s)")
-    p.add_argument("--judge-path", help="project: the judge's model file for judge.load (default: judge.py's)")
-    p.add_argument("--random-sets", type=int, default=10, help="project/activations: random neuron sets, each "
-                   "with the kept set's per-layer counts, as the chance baseline (default: %(default)s)")
-    p.add_argument("--n-boot", type=int, default=1000, help="project/activations/intervene: bootstrap resamples "
-                   "(over vectors, or over prompts) for 95%% intervals and p-values (default: %(default)s)")
-    p.add_argument("--prompts", help="activations/intervene: directory with one prompt file per language (named "
-                   "by its code, e.g. de.jsonl); default: the parallel held-out prompts, the same items in every "
-                   "language")
-    p.add_argument("--top-k", type=int, default=100, help="vectors: how many value vectors to rank (paper: 100)")
-    p.add_argument("--top-tokens", type=int, default=30, help="project: tokens shown per vector (paper: 30)")
-    p.add_argument("--max-new-tokens", type=int, default=20, help="greedy tokens over which activations are "
-                   "averaged (paper: 20)")
-    p.add_argument("--offsets", default="0,-1,-2,-3,-4,-5,5", help="intervene: comma-separated offsets added "
-                   "to the neurons' activations (paper: 0 to -5, and +5)")
-    p.add_argument("--n", type=int, default=5, help="intervene: samples per prompt")
-    p.add_argument("--langs", nargs="+", default=list(LANGS), help="languages for activations/intervene")
-    p.add_argument("--limit", type=int, default=None, help="at most this many texts (train/judge: per "
-                   "language for judge), selection prompts (vectors) or prompts per language")
+def analysis_flags():
+    """The flags of the steps that study the kept value vectors (project, activations, intervene)."""
+    flags = argparse.ArgumentParser(add_help=False)
+    flags.add_argument("--vectors", required=True, help="vectors.json from `vectors`")
+    flags.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (over vectors, or over "
+                       "prompts) for 95%% intervals and p-values (default: %(default)s)")
+    return flags
+
+
+def measurement_flags():
+    """The flags of the steps that run the model on prompts in many languages (activations, intervene)."""
+    flags = argparse.ArgumentParser(add_help=False)
+    flags.add_argument("--langs", nargs="+", default=list(LANGS), choices=LANGS, metavar="LANG",
+                       help="languages (default: all 17)")
+    flags.add_argument("--prompts", help="directory with one prompt file per language (named by its code, e.g. "
+                       "de.jsonl); default: the parallel held-out prompts, the same items in every language")
+    return flags
+
+
+def max_new_tokens_flag(parser):
+    parser.add_argument("--max-new-tokens", type=int, default=20, help="new tokens per prompt: activations are "
+                        "averaged over them, or they are scored (intervene) (paper: 20)")
+
+
+def random_sets_flag(parser):
+    parser.add_argument("--random-sets", type=int, default=10, help="random neuron sets, each with the kept set's "
+                        "per-layer counts, as the chance baseline (default: %(default)s)")
+
+
+def add_train_parser(sub, common):
+    p = sub.add_parser("train", parents=[common], help="train the linear toxicity probe")
+    p.add_argument("--data", help="labelled jsonl {text,label} or Jigsaw CSV {comment_text,toxic}; default: "
+                   "English RTP-LX prompts of the train/valid split, toxic = prompt_toxicity >= 3")
     p.add_argument("--epochs", type=int, default=20, help="probe epochs (paper: 20)")
     p.add_argument("--lr", type=float, default=1e-4, help="probe Adam learning rate (paper: 1e-4; batch 10)")
     p.add_argument("--valid-frac", type=float, default=0.1, help="held-out fraction (paper: 10%%)")
     p.add_argument("--max-len", type=int, default=128, help="tokens per text when extracting features")
-    p.add_argument("--batch-size", type=int, default=8, help="texts per forward pass")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    p.set_defaults(run=cmd_train)
+
+
+def add_vectors_parser(sub, common):
+    p = sub.add_parser("vectors", parents=[common], help="rank value vectors by the probe and keep those that fire")
+    p.add_argument("--probe", required=True, help="probe file from `train` (probe.safetensors) or the paper's "
+                   "english-probe-mgpt.pt")
+    p.add_argument("--top-k", type=int, default=100, help="how many value vectors to rank (paper: 100)")
+    max_new_tokens_flag(p)
+    p.set_defaults(run=cmd_vectors)
+
+
+def add_project_parser(sub, common, analysis):
+    p = sub.add_parser("project", parents=[common, analysis],
+                       help="the tokens each kept vector promotes, against random vectors")
+    p.add_argument("--top-tokens", type=int, default=30, help="tokens shown per vector (paper: 30)")
+    p.add_argument("--judge-kind", default="ngram", choices=["feature", "ngram", "none"],
+                   help="also count the top tokens judge.py's judge of this kind calls toxic (none: off; "
+                   "default: %(default)s)")
+    p.add_argument("--judge-path", help="the judge's model file for judge.load (default: judge.py's)")
+    random_sets_flag(p)
+    p.set_defaults(run=cmd_project)
+
+
+def add_activations_parser(sub, common, analysis, measurement):
+    p = sub.add_parser("activations", parents=[common, analysis, measurement],
+                       help="activation of the kept neurons per language, base vs DPO model")
+    p.add_argument("--dpo-model", required=True, help="the DPO-trained checkpoint to compare with --model")
+    random_sets_flag(p)
+    max_new_tokens_flag(p)
+    p.set_defaults(run=cmd_activations)
+
+
+def add_intervene_parser(sub, common, analysis, measurement):
+    p = sub.add_parser("intervene", parents=[common, analysis, measurement],
+                       help="shift the kept neurons and measure toxicity per language")
+    p.add_argument("--scorer", default="judge", choices=sorted(SCORERS), help="toxicity scorer (scorers.py; "
+                   "default: %(default)s)")
+    p.add_argument("--judge", help="with --scorer judge/ngram: a judge.py file instead of the shipped one")
+    p.add_argument("--offsets", default="0,-1,-2,-3,-4,-5,5", help="comma-separated offsets added to the "
+                   "neurons' activations (paper: 0 to -5, and +5)")
+    p.add_argument("--n", type=int, default=5, help="samples per prompt")
+    max_new_tokens_flag(p)
+    p.set_defaults(run=cmd_intervene)
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, help="which step of the analysis to run")
+    common, analysis, measurement = common_flags(), analysis_flags(), measurement_flags()
+    add_train_parser(sub, common)
+    add_vectors_parser(sub, common)
+    add_project_parser(sub, common, analysis)
+    add_activations_parser(sub, common, analysis, measurement)
+    add_intervene_parser(sub, common, analysis, measurement)
     return p
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    needs = {"vectors": "probe", "project": "vectors", "activations": "vectors", "intervene": "vectors"}
-    if args.command in needs and not getattr(args, needs[args.command]):
-        raise SystemExit(f"probe.py {args.command}: --{needs[args.command]} is required")
-    if args.command == "activations" and not args.dpo_model:
-        raise SystemExit("probe.py activations: --dpo-model is required (the checkpoint to compare with --model)")
-    if args.random_sets < 1 or args.n_boot < 1:
+    if getattr(args, "random_sets", 1) < 1 or getattr(args, "n_boot", 1) < 1:
         raise SystemExit("probe.py: --random-sets and --n-boot must be at least 1")
-    for lang in args.langs:
-        if lang not in LANGS:
-            raise SystemExit(f"probe.py: unknown language {lang!r}; choose from {' '.join(LANGS)}")
+    args.dtype = resolve_dtype(args.device, args.dtype)
     torch.manual_seed(args.seed)
-    model, tok = load_model(args.model, device=args.device, dtype=DTYPES[args.dtype])
+    # Every step reads the base model; each returns its JSON result and Markdown summary.
+    model, tok = load_model(args.model, device=args.device, dtype=args.dtype)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    result, md = COMMANDS[args.command](args, model, tok)
+    result, md = args.run(args, model, tok)
     write_json(out / f"{args.command}.json", result)
     write_text(out / f"{args.command}.md", md + "\n")
     print(md)

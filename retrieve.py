@@ -18,10 +18,10 @@ Two scores per language X, per layer and averaged over layers:
             (`accuracy`); chance is 1/N. `--center` subtracts each language's mean representation first,
             a known fix for the anisotropy of decoder hidden states (all of them point one way).
 
-    python retrieve.py score --model gemma-3-270m --langs de fr zh --limit 50 --out runs/retrieval
+    python retrieve.py score --langs de fr zh --limit 50 --out runs/retrieval
     python retrieve.py correlate --retrieval runs/retrieval/retrieval.json --transfer emt=runs/eval/compare.json:emt \\
         --transfer margin=runs/margins/margins.json:mean_margin --control runs/clean_ppl.json:log_ppl --out runs/corr
-    python retrieve.py predict --model gemma-3-270m --out runs/retrieval
+    python retrieve.py predict --out runs/retrieval
 """
 
 import argparse
@@ -36,9 +36,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
+from checkpoint import DEFAULT_MODEL
+from loading import add_device_args, load_model, resolve_dtype
 from model import pooled_activations
 from report import markdown_table, scatter_svg, write_json, write_text
-from stats import correlation_test, format_p, partial_correlation, pearson, rankdata, spearman  # pearson etc.: old names
+from stats import correlation_test, format_p, partial_correlation
 
 SOURCE_LANG = "en"
 TARGET_LANGS = tuple(lang for lang in data.LANGS if lang != SOURCE_LANG)
@@ -48,7 +50,6 @@ SCORES = ("cosine", "accuracy", "accuracy_en2xx", "accuracy_xx2en")
 # Sentence representations
 
 
-@torch.no_grad()
 def layer_names(model):
     """Hook points whose mean-pooled states are the per-layer sentence representations: the embeddings, every
     block's output, and for the last block its final-normed output (HF's hidden_states[-1], which the
@@ -94,11 +95,14 @@ def retrieval_scores(en_reps, xx_reps, center=False):
 
 
 def _dir_texts(data_dir, lang):
-    """Sentences of one language from --data DIR: a file *_{lang}_*.jsonl (field Prompt or prompt) or {lang}.txt."""
+    """Sentences of one language from --data DIR: the .jsonl (field Prompt or prompt) or .txt file whose name
+    names the language (data.lang_from_path: de.txt, my_de_set.jsonl)."""
     data_dir = Path(data_dir)
-    files = sorted(set(data_dir.glob(f"*_{lang}_*.jsonl")) | set(data_dir.glob(f"{lang}.txt")))
+    files = sorted(f for f in data_dir.iterdir()
+                   if f.suffix in (".jsonl", ".txt") and data.lang_from_path(f) == lang)
     if not files:
-        raise FileNotFoundError(f"{data_dir}: no file for language {lang!r} (expected *_{lang}_*.jsonl or {lang}.txt)")
+        raise FileNotFoundError(f"{data_dir}: no file for language {lang!r} (expected e.g. {lang}.txt or "
+                                f"*_{lang}_*.jsonl)")
     if len(files) > 1:
         raise ValueError(f"{data_dir}: several files for language {lang!r}: {', '.join(f.name for f in files)}")
     return [row["prompt"] for row in data.load_prompts(files[0])], str(files[0])
@@ -133,8 +137,6 @@ def score_languages(args):
     """Score every language of args.langs, resuming from args.out/retrieval.json when its settings match
     (languages scored there earlier are kept). The file is rewritten atomically after each language, so an
     interrupted run loses at most the language it was on."""
-    import model as model_lib  # loading weights is only needed here; correlate works without torch models
-
     out_json = Path(args.out) / "retrieval.json"
     settings = _settings(args)
     result = {"settings": settings, "languages": {}}
@@ -148,7 +150,7 @@ def score_languages(args):
     todo = [lang for lang in args.langs if lang not in result["languages"]]
     if todo:
         t0 = time.perf_counter()
-        model, tokenizer = model_lib.load_model(args.model, device=args.device, dtype=args.dtype)
+        model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
         print(f"loaded {args.model} ({model.config.family}, {model.config.n_layers} layers) "
               f"in {time.perf_counter() - t0:.1f}s")
         result["n_layers"] = model.config.n_layers + 1
@@ -312,16 +314,19 @@ def _tests(xs, ys, zs, args):
     return out
 
 
-def run_correlate(args):
-    retrievals = {}
-    for metric in RETRIEVAL_METRICS:
-        retrievals[metric], result = read_retrieval(args.retrieval, metric, args.layer)
-    control = None
-    if args.control:
-        c_path, _, c_key = args.control.rpartition(":")
-        if not c_path or not c_key:
-            raise ValueError(f"--control {args.control!r}: expected PATH:KEY (e.g. clean_ppl.json:log_ppl)")
-        control, _ = read_transfer(c_path, c_key)
+def read_control(spec):
+    """{lang: value} of a --control PATH:KEY covariate, or None without one."""
+    if not spec:
+        return None
+    path, _, key = spec.rpartition(":")
+    if not path or not key:
+        raise ValueError(f"--control {spec!r}: expected PATH:KEY (e.g. clean_ppl.json:log_ppl)")
+    return read_transfer(path, key)[0]
+
+
+def correlate_transfers(retrievals, control, args):
+    """(rows, languages, skipped): one row of tests per transfer measure and retrieval metric; per language the
+    values that went in; the transfer measures with too few languages to test."""
     rows, languages, skipped = [], {}, []
     for spec in args.transfer:
         name, path, key = parse_transfer_spec(spec)
@@ -347,12 +352,67 @@ def run_correlate(args):
             languages.setdefault(l, {m: retrievals[m][l] for m in RETRIEVAL_METRICS})[name] = transfer[l]
             if control:
                 languages[l]["control"] = control[l]
-    n_variants = sum(len([k for k in row if k in ("pearson", "spearman", "partial_pearson", "partial_spearman")])
-                     for row in rows)
-    for row in rows:  # the reader should weigh any one p against how many were computed
-        for k in ("pearson", "spearman", "partial_pearson", "partial_spearman"):
+    return rows, languages, skipped
+
+
+TESTS = ("pearson", "spearman", "partial_pearson", "partial_spearman")
+
+
+def add_bonferroni(rows):
+    """Add p_bonferroni to every test of every row and return how many tests there are: the reader should weigh
+    any one p against how many were computed."""
+    n_variants = sum(1 for row in rows for k in TESTS if k in row)
+    for row in rows:
+        for k in TESTS:
             if k in row:
                 row[k]["p_bonferroni"] = min(1.0, row[k]["p"] * n_variants)
+    return n_variants
+
+
+def correlation_markdown(out, layer):
+    """correlation.md from run_correlate's result: the tests per transfer measure, then the values per language."""
+    rows, languages, control = out["results"], out["languages"], out["control"]
+
+    def stat(row, k):
+        return [f"{row[k]['r']:+.2f}", format_p(row[k]["p"])] if k in row else []
+
+    methods = list(TESTS if control else TESTS[:2])
+    headers = ["transfer", "measure", "direction", "retrieval", "langs"]
+    for m in methods:
+        headers += [f"{m.replace('partial_', 'partial ').capitalize()} r", "p"]
+    table = markdown_table(headers, [[r["transfer"], r["transfer_measure"], r["direction"], r["retrieval_metric"],
+                                      r["n"]] + [x for m in methods for x in stat(r, m)] for r in rows])
+    text = (f"# Retrieval vs transfer ({out['model']})\n\nx: retrieval ({layer}), both `cosine` (the paper's "
+            f"code) and `accuracy` (top-1, the paper's text); y: each transfer measure. Sign convention: "
+            f"{SIGN_CONVENTION}\n\n")
+    if control:
+        text += (f"Partial correlations control for `{control['spec']}` (how well the model knows each language), "
+                 "residualised linearly (Spearman: on ranks).\n\n")
+    text += table + (f"\n{out['n_variants']} correlation variants computed (p: two-sided, {out['permutations']} "
+                     f"permutations each; JSON gives Bonferroni-adjusted p as p_bonferroni).\n")
+    names = list(dict.fromkeys(r["transfer"] for r in rows))
+    cols = list(RETRIEVAL_METRICS) + names + (["control"] if control else [])
+    return text + "\n" + markdown_table(["lang"] + cols, [[l] + [v.get(c, "") for c in cols]
+                                                          for l, v in languages.items()])
+
+
+def correlation_svg(out, retrievals, layer):
+    """Scatter of the first transfer measure against the retrieval cosine, with a fitted line."""
+    first = out["results"][0]
+    xs = [retrievals["cosine"][l] for l in first["langs"]]
+    ys = [out["languages"][l][first["transfer"]] for l in first["langs"]]
+    return scatter_svg(xs, ys, first["langs"], f"Retrieval vs {first['transfer']}, {first['n']} languages "
+                       f"(Pearson r = {first['pearson']['r']:.2f})", f"retrieval cosine ({layer})",
+                       first["transfer_measure"], fit=True)
+
+
+def run_correlate(args):
+    retrievals = {}
+    for metric in RETRIEVAL_METRICS:
+        retrievals[metric], result = read_retrieval(args.retrieval, metric, args.layer)
+    control = read_control(args.control)
+    rows, languages, skipped = correlate_transfers(retrievals, control, args)
+    n_variants = add_bonferroni(rows)
     layer = "mean over layers" if args.layer is None else f"layer {args.layer}"
     out = {"retrieval": str(args.retrieval), "layer": args.layer, "model": result["settings"]["model"],
            "retrieval_metrics": list(RETRIEVAL_METRICS), "sign_convention": SIGN_CONVENTION,
@@ -361,36 +421,9 @@ def run_correlate(args):
            "skipped": skipped, "languages": languages}
     out_dir = Path(args.out)
     write_json(out_dir / "correlation.json", out)
-
-    def stat(row, k):
-        return [f"{row[k]['r']:+.2f}", format_p(row[k]["p"])] if k in row else []
-
-    methods = ["pearson", "spearman"] + (["partial_pearson", "partial_spearman"] if control else [])
-    headers = ["transfer", "measure", "direction", "retrieval", "langs"]
-    for m in methods:
-        title = m.replace("partial_", "partial ").capitalize()
-        headers += [f"{title} r", "p"]
-    table = markdown_table(headers, [[r["transfer"], r["transfer_measure"], r["direction"], r["retrieval_metric"],
-                                      r["n"]] + [x for m in methods for x in stat(r, m)] for r in rows])
-    text = (f"# Retrieval vs transfer ({out['model']})\n\nx: retrieval ({layer}), both `cosine` (the paper's "
-            f"code) and `accuracy` (top-1, the paper's text); y: each transfer measure. Sign convention: "
-            f"{SIGN_CONVENTION}\n\n")
-    if control:
-        text += (f"Partial correlations control for `{args.control}` (how well the model knows each language), "
-                 "residualised linearly (Spearman: on ranks).\n\n")
-    text += table + (f"\n{n_variants} correlation variants computed (p: two-sided, {args.permutations} "
-                     f"permutations each; JSON gives Bonferroni-adjusted p as p_bonferroni).\n")
-    names = list(dict.fromkeys(r["transfer"] for r in rows))
-    cols = list(RETRIEVAL_METRICS) + names + (["control"] if control else [])
-    text += "\n" + markdown_table(["lang"] + cols, [[l] + [v.get(c, "") for c in cols] for l, v in languages.items()])
+    text = correlation_markdown(out, layer)
     write_text(out_dir / "correlation.md", text)
-    first = rows[0]
-    xs = [retrievals["cosine"][l] for l in first["langs"]]
-    ys = [languages[l][first["transfer"]] for l in first["langs"]]
-    svg = scatter_svg(xs, ys, first["langs"], f"Retrieval vs {first['transfer']}, {first['n']} languages "
-                      f"(Pearson r = {first['pearson']['r']:.2f})", f"retrieval cosine ({layer})",
-                      first["transfer_measure"], fit=True)
-    write_text(out_dir / "correlation.svg", svg)
+    write_text(out_dir / "correlation.svg", correlation_svg(out, retrievals, layer))
     print(text, end="")
     print(f"{n_variants} correlation variants computed")
     print(f"wrote {out_dir / 'correlation.json'}, correlation.md, correlation.svg")
@@ -435,12 +468,13 @@ def build_parser():
                "  python retrieve.py score --dataset tatoeba --center --out runs/retrieval_tatoeba\n"
                "  python retrieve.py correlate --retrieval runs/retrieval/retrieval.json \\\n"
                "      --transfer runs/eval/after.lexicon.compare.json --out runs/retrieval\n"
-               "  python retrieve.py predict --model gemma-3-270m --out runs/retrieval")
+               "  python retrieve.py predict --out runs/retrieval")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{score,correlate,predict}")
 
     scoring = argparse.ArgumentParser(add_help=False)
-    scoring.add_argument("--model", default="gemma-3-270m",
-                         help="model.load_model name or path: HF dir, .gguf, hub id, or gemma-3-270m (default)")
+    scoring.add_argument("--model", default=DEFAULT_MODEL,
+                         help="loading.load_model name or path: HF dir, .gguf, hub id, or an embedded name "
+                              "(default: %(default)s)")
     scoring.add_argument("--dataset", choices=("parallel", "tatoeba"), default="parallel",
                          help="parallel: the paper's 200 toxic prompts, one English side for all languages "
                               "(default); tatoeba: 1,000 everyday sentence pairs per language (English differs)")
@@ -454,15 +488,13 @@ def build_parser():
                          help="subtract each language's mean representation (per layer) before both scores; "
                               "fixes anisotropy for `accuracy`, but `cosine` is then no longer the paper's number")
     scoring.add_argument("--batch-size", type=int, default=16, help="sentences per forward pass (default 16)")
-    scoring.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, mps")
-    scoring.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"),
-                         help="weights dtype (default fp32; bf16/fp16 for GPUs; pooling is always in fp32)")
+    add_device_args(scoring)  # pooling is always in fp32
     scoring.add_argument("--out", required=True, metavar="DIR", help="output folder; an interrupted run resumes")
 
     sub.add_parser("score", parents=[scoring], help="score English-X retrieval per layer -> retrieval.json/.md",
                    description="Mean-pooled per-layer sentence representations of English and each language; "
                                "cosine (the paper's released-code score) and top-1 retrieval accuracy, per layer "
-                               "and averaged over layers.")
+                               "and averaged over layers.").set_defaults(run=run_score)
 
     corr = sub.add_parser("correlate", help="correlate a retrieval score with measured transfer",
                           description="Pearson and Spearman r, with two-sided permutation p-values, between each "
@@ -482,6 +514,7 @@ def build_parser():
     corr.add_argument("--permutations", type=int, default=10000, help="permutations for the p-values (default 10000)")
     corr.add_argument("--seed", type=int, default=0, help="seed of the permutations (default 0: reproducible p)")
     corr.add_argument("--out", required=True, metavar="DIR", help="writes correlation.json, .md and .svg here")
+    corr.set_defaults(run=run_correlate)
 
     pred = sub.add_parser("predict", parents=[scoring],
                           help="rank languages by expected transfer from retrieval alone",
@@ -490,21 +523,24 @@ def build_parser():
     pred.add_argument("--score", choices=SCORES, default="cosine", help="score to rank by (default cosine)")
     pred.add_argument("--retrieval", metavar="JSON", default=None,
                       help="rank an existing retrieval.json instead of running the model")
+    pred.set_defaults(run=run_predict)
     return parser
 
 
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    if getattr(args, "limit", None) is not None and args.limit < 2:
-        parser.error("--limit must be >= 2 (retrieval needs candidates)")
-    if getattr(args, "batch_size", 1) < 1:
-        parser.error("--batch-size must be >= 1")
+    if args.command in ("score", "predict"):
+        if args.limit is not None and args.limit < 2:
+            parser.error("--limit must be >= 2 (retrieval needs candidates)")
+        if args.batch_size < 1:
+            parser.error("--batch-size must be >= 1")
+        if args.data and args.dataset == "tatoeba":
+            parser.error("--data and --dataset tatoeba exclude each other")
+        args.dtype = resolve_dtype(args.device, args.dtype)
     if args.command == "correlate" and args.permutations < 1:
         parser.error("--permutations must be >= 1")
-    if getattr(args, "data", None) and args.dataset == "tatoeba":
-        parser.error("--data and --dataset tatoeba exclude each other")
-    return {"score": run_score, "correlate": run_correlate, "predict": run_predict}[args.command](args)
+    return args.run(args)
 
 
 if __name__ == "__main__":

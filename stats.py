@@ -2,10 +2,13 @@
 
 Intervals: bootstrap_ci (percentile bootstrap of a mean), wilson_interval (a binomial proportion), auc_ci (ROC
 AUC, bootstrap over items or groups). Tests: mcnemar_exact (paired binary outcomes), paired_bootstrap (paired
-means, optionally stratified), correlation_test / partial_correlation (permutation p-values). Agreement:
+means, optionally stratified), permutation_test (two group means), correlation_test / partial_correlation
+(permutation p-values), ratio_bootstrap / paired_ratio_bootstrap (ratios of sums, e.g. token-weighted
+perplexity). Agreement:
 cohen_kappa, roc_auc. Every p-value is two-sided and never 0 (resampling p-values count the observed data as
 one draw); format_p prints them.
 """
+import itertools
 import math
 from statistics import NormalDist
 
@@ -17,6 +20,23 @@ def _z(level):
     if not 0 < level < 1:
         raise ValueError(f"confidence level must be in (0, 1), got {level}")
     return NormalDist().inv_cdf((1 + level) / 2)
+
+
+def percentile_interval(samples, level=0.95):
+    """[lo, hi]: the central `level` share of resampled statistics (a percentile bootstrap interval)."""
+    return [float(np.quantile(samples, (1 - level) / 2)), float(np.quantile(samples, (1 + level) / 2))]
+
+
+def _two_sided_p(boot, observed):
+    """min(1, 2 * (hits + 1) / (n + 1)), hits = resampled statistics at or beyond 0 on the side opposite the
+    observed one (all of them when it is 0), so p is never 0."""
+    if observed > 0:
+        hits = int(np.sum(boot <= 0))
+    elif observed < 0:
+        hits = int(np.sum(boot >= 0))
+    else:
+        hits = len(boot)
+    return min(1.0, 2 * (hits + 1) / (len(boot) + 1))
 
 
 # ----------------------------------------------------------------------------- ranks and correlations
@@ -96,7 +116,7 @@ def bootstrap_ci(values, n_boot=1000, seed=0, level=0.95):
     values = np.asarray(values, dtype=np.float64)
     rng = np.random.default_rng(seed)
     means = values[rng.integers(0, len(values), size=(n_boot, len(values)))].mean(1)
-    return [float(np.quantile(means, (1 - level) / 2)), float(np.quantile(means, (1 + level) / 2))]
+    return percentile_interval(means, level)
 
 
 def wilson_interval(k, n, level=0.95):
@@ -140,8 +160,7 @@ def auc_ci(scores, labels, groups=None, n_boot=1000, seed=0, level=0.95):
     aucs = aucs[~np.isnan(aucs)]
     if not len(aucs):
         return roc_auc(scores, labels), [float("nan"), float("nan")]
-    return roc_auc(scores, labels), [float(np.quantile(aucs, (1 - level) / 2)),
-                                     float(np.quantile(aucs, (1 + level) / 2))]
+    return roc_auc(scores, labels), percentile_interval(aucs, level)
 
 
 # ----------------------------------------------------------------------------- tests
@@ -179,14 +198,54 @@ def paired_bootstrap(before, after, n_boot=10000, seed=0, level=0.95, strata=Non
         observed.append(d.mean())
         boot.append(d[rng.integers(0, len(d), size=(n_boot, len(d)))].mean(1))  # [n_boot]
     diff, boot = float(np.mean(observed)), np.mean(boot, 0)
-    if diff > 0:
-        hits = int(np.sum(boot <= 0))
-    elif diff < 0:
-        hits = int(np.sum(boot >= 0))
-    else:
-        hits = n_boot
-    return {"diff": diff, "ci": [float(np.quantile(boot, (1 - level) / 2)), float(np.quantile(boot, (1 + level) / 2))],
-            "p": min(1.0, 2 * (hits + 1) / (n_boot + 1))}
+    return {"diff": diff, "ci": percentile_interval(boot, level), "p": _two_sided_p(boot, diff)}
+
+
+def permutation_test(a, b, n_perm=10000, seed=0):
+    """Two-sided p-value of mean(a) - mean(b) under random relabelling of the pooled values: the share of
+    relabellings whose |difference| reaches the observed one. Exact over all splits when there are at most
+    n_perm of them; otherwise n_perm random ones with the observed split counted once (p never 0)."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if not len(a) or not len(b):
+        raise ValueError(f"permutation test needs two non-empty groups, got {len(a)} and {len(b)} values")
+    pooled, n_a = np.concatenate([a, b]), len(a)
+    total = pooled.sum()
+    observed = abs(a.mean() - b.mean())
+
+    def diffs(sums_a):
+        return np.abs(sums_a / n_a - (total - sums_a) / len(b))
+
+    # The tolerance counts relabellings that reproduce the observed difference exactly (tied values).
+    if math.comb(len(pooled), n_a) <= n_perm:
+        sums = np.array([pooled[list(c)].sum() for c in itertools.combinations(range(len(pooled)), n_a)])
+        return float(np.mean(diffs(sums) >= observed - 1e-12))
+    rng = np.random.default_rng(seed)
+    sums = np.array([pooled[rng.permutation(len(pooled))[:n_a]].sum() for _ in range(n_perm)])
+    return float((np.sum(diffs(sums) >= observed - 1e-12) + 1) / (n_perm + 1))
+
+
+# ----------------------------------------------------------------------------- ratios of sums
+
+def ratio_bootstrap(num, den, n_boot=1000, seed=0):
+    """[n_boot] resampled sum(num) / sum(den), items (num[i], den[i]) drawn together with replacement: e.g. a
+    token-weighted mean NLL over sentences, where long sentences count for more."""
+    num, den = np.asarray(num, dtype=np.float64), np.asarray(den, dtype=np.float64)
+    idx = np.random.default_rng(seed).integers(0, len(num), size=(n_boot, len(num)))
+    return num[idx].sum(1) / den[idx].sum(1)
+
+
+def paired_ratio_bootstrap(first, second, n_boot=1000, seed=0, level=0.95):
+    """Paired bootstrap of ratio(second) - ratio(first), ratio = sum(num) / sum(den), on the same items (first,
+    second: (num, den) pairs of equal-length arrays; items resampled jointly for both). Returns {"diff", "ci",
+    "p"} with p as in paired_bootstrap."""
+    (num1, den1), (num2, den2) = [(np.asarray(n, dtype=np.float64), np.asarray(d, dtype=np.float64))
+                                  for n, d in (first, second)]
+    if len(num1) != len(num2):
+        raise ValueError(f"a paired ratio comparison needs the same items, got {len(num1)} and {len(num2)}")
+    idx = np.random.default_rng(seed).integers(0, len(num1), size=(n_boot, len(num1)))
+    boot = num2[idx].sum(1) / den2[idx].sum(1) - num1[idx].sum(1) / den1[idx].sum(1)
+    diff = float(num2.sum() / den2.sum() - num1.sum() / den1.sum())
+    return {"diff": diff, "ci": percentile_interval(boot, level), "p": _two_sided_p(boot, diff)}
 
 
 # ----------------------------------------------------------------------------- agreement and printing

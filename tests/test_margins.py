@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import evaluate
-from model import load_model, save_model
+from loading import load_model, save_model
 
 LLAMA = Path(__file__).parent / "fixtures" / "models" / "llama"
 PAIRS = {"de": [{"prompt": "Ich finde", "chosen": " das gut.", "rejected": " dich dumm."},
@@ -83,7 +83,7 @@ def test_margins_take_beta_lengths_and_reference_from_the_run_config(tmp_path, c
                     "--valid-frac", "0.25"])
     capsys.readouterr()
     args = ["--policy", str(run / "best"), "--langs", "de", "--limit", "3"]
-    result = evaluate.margins_main(args + ["--out", str(tmp_path / "m")])
+    result = evaluate.main(["margins"] + args + ["--out", str(tmp_path / "m")])
     out = capsys.readouterr().out
     assert "beta = 0.5 (from the run's" in out and f"reference = {tiny} (from the run's" in out
     settings = result["settings"]
@@ -93,5 +93,5 @@ def test_margins_take_beta_lengths_and_reference_from_the_run_config(tmp_path, c
     ref = evaluate.pair_logps(tiny, held, 20, 40, 8, "cpu", "fp32")
     expected = evaluate.margin_metrics(pol["de"], ref["de"], 0.5)["mean_margin"]
     assert result["de"]["mean_margin"] == pytest.approx(expected, rel=1e-5) and expected != 0
-    again = evaluate.margins_main(args + ["--out", str(tmp_path / "m2"), "--beta", "0.1"])
+    again = evaluate.main(["margins"] + args + ["--out", str(tmp_path / "m2"), "--beta", "0.1"])
     assert again["de"]["mean_margin"] == pytest.approx(expected / 5, rel=1e-5)

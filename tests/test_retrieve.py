@@ -109,30 +109,30 @@ def test_scores_match_brute_force(center):
 def test_pearson_spearman_known_values():
     x, y = [1, 2, 3, 4, 5], [2, 4, 5, 4, 5]
     # by hand: deviations x (-2,-1,0,1,2), y (-2,0,1,0,1): r = 6 / sqrt(10 * 6)
-    assert retrieve.pearson(x, y) == pytest.approx(6 / math.sqrt(60))
+    assert stats.pearson(x, y) == pytest.approx(6 / math.sqrt(60))
     # ties: y ranks (1, 2.5, 4.5, 2.5, 4.5): r = 7 / sqrt(10 * 9)
-    np.testing.assert_allclose(retrieve.rankdata(y), [1, 2.5, 4.5, 2.5, 4.5])
-    assert retrieve.spearman(x, y) == pytest.approx(7 / math.sqrt(90))
-    assert retrieve.spearman([3, 1, 2], [30, 10, 20]) == pytest.approx(1.0)
-    assert retrieve.pearson([1, 2, 3], [-1, -2, -3]) == pytest.approx(-1.0)
-    assert math.isnan(retrieve.pearson([1, 1, 1], [1, 2, 3]))
+    np.testing.assert_allclose(stats.rankdata(y), [1, 2.5, 4.5, 2.5, 4.5])
+    assert stats.spearman(x, y) == pytest.approx(7 / math.sqrt(90))
+    assert stats.spearman([3, 1, 2], [30, 10, 20]) == pytest.approx(1.0)
+    assert stats.pearson([1, 2, 3], [-1, -2, -3]) == pytest.approx(-1.0)
+    assert math.isnan(stats.pearson([1, 1, 1], [1, 2, 3]))
 
 
 def test_permutation_p_value_stable_and_small_for_perfect_correlation():
     x = np.arange(10.0)
     y = 3 * x + 1
     for method in ("pearson", "spearman"):
-        r, p = retrieve.correlation_test(x, y, method, permutations=10000, seed=0)
+        r, p = stats.correlation_test(x, y, method, permutations=10000, seed=0)
         assert r == pytest.approx(1.0)
         assert p < 0.001  # only the identity and the reversal reach |r| = 1: ~2 / 10! of pairings
-        assert retrieve.correlation_test(x, y, method, 10000, seed=0) == (r, p)
-    r, p = retrieve.correlation_test(x, -y, "pearson", 10000, seed=0)  # two-sided: r = -1 is as extreme
+        assert stats.correlation_test(x, y, method, 10000, seed=0) == (r, p)
+    r, p = stats.correlation_test(x, -y, "pearson", 10000, seed=0)  # two-sided: r = -1 is as extreme
     assert r == pytest.approx(-1.0) and p < 0.001
     rng = np.random.default_rng(5)
     a, b = rng.normal(size=10), rng.normal(size=10)
-    r, p = retrieve.correlation_test(a, b, "pearson", 2000, seed=3)
-    assert retrieve.correlation_test(a, b, "pearson", 2000, seed=3) == (r, p) and p > 0.05
-    r, p = retrieve.correlation_test([1, 1, 1], [1, 2, 3])
+    r, p = stats.correlation_test(a, b, "pearson", 2000, seed=3)
+    assert stats.correlation_test(a, b, "pearson", 2000, seed=3) == (r, p) and p > 0.05
+    r, p = stats.correlation_test([1, 1, 1], [1, 2, 3])
     assert math.isnan(r) and math.isnan(p)
 
 
@@ -143,8 +143,8 @@ def test_permutation_p_value_matches_exact_enumeration():
     import itertools
     x, y = np.array([0.3, 0.9, 0.1, 0.5, 0.7, 0.2]), np.array([1.0, 2.5, 0.8, 0.9, 3.0, 1.1])
     for method in ("pearson", "spearman"):
-        r, p = retrieve.correlation_test(x, y, method, permutations=20000, seed=0)
-        stat = retrieve.pearson if method == "pearson" else retrieve.spearman
+        r, p = stats.correlation_test(x, y, method, permutations=20000, seed=0)
+        stat = stats.pearson if method == "pearson" else stats.spearman
         null = np.array([stat(x, y[list(perm)]) for perm in itertools.permutations(range(6))])
         exact = np.mean(np.abs(null) >= abs(r) - 1e-12)  # all 720 pairings
         assert 0.01 < exact < 0.5 and p == pytest.approx(exact, abs=0.01)
@@ -187,10 +187,10 @@ def test_correlate_end_to_end_on_evaluate_output(tmp_path):
     langs = emt["cosine"]["langs"]
     assert sorted(langs) == sorted(emt_change) and emt["cosine"]["not_in_both"] == []
     xs, ys = [RETRIEVAL[l][0] for l in langs], [emt_change[l] for l in langs]
-    assert emt["cosine"]["pearson"]["r"] == pytest.approx(float(retrieve.pearson(xs, ys)))
+    assert emt["cosine"]["pearson"]["r"] == pytest.approx(float(stats.pearson(xs, ys)))
     assert emt["cosine"]["spearman"]["r"] == pytest.approx(-0.9)  # ranks: x (5,4,2,1,3) vs -y (5,4,1,2,3)
     acc = [RETRIEVAL[l][1] for l in langs]
-    assert emt["accuracy"]["pearson"]["r"] == pytest.approx(float(retrieve.pearson(acc, ys)))
+    assert emt["accuracy"]["pearson"]["r"] == pytest.approx(float(stats.pearson(acc, ys)))
     z = [2.0 + i * i % 3 for i, l in enumerate(RETRIEVAL) if l in langs]
     assert emt["cosine"]["partial_pearson"]["r"] == pytest.approx(stats.partial_correlation(xs, ys, z, permutations=1)[0])
     p = emt["cosine"]["pearson"]
@@ -272,7 +272,7 @@ def test_score_resume_and_predict_end_to_end(tmp_path, monkeypatch):
         loads.append(name)
         return tiny_model(), TOKENIZER
 
-    monkeypatch.setattr(model_lib, "load_model", fake_load)
+    monkeypatch.setattr(retrieve, "load_model", fake_load)
     out = tmp_path / "run"
     args = ["--model", "tiny", "--limit", "12", "--out", str(out), "--langs", "de", "fr"]
     result = retrieve.main(["score", *args])

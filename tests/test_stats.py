@@ -94,3 +94,28 @@ def test_format_p():
     assert stats.format_p(0.0215) == "0.021"
     assert stats.format_p(0.41) == "0.41"
     assert stats.format_p(float("nan")) == "n/a"
+
+
+def test_permutation_test_hand_values():
+    # Pooled [1,1,0,0,0,1], 15 ways to pick 2 as "kept". Observed |1 - 1/4| = 0.75; reached when both picks are
+    # 1s (3 ways) or both 0s (3 ways): p = 6/15.
+    assert stats.permutation_test([1, 1], [0, 0, 0, 1]) == pytest.approx(0.4)
+    assert stats.permutation_test([1, 2], [1, 2]) == pytest.approx(1.0)
+    # Monte Carlo branch (C(40, 20) splits): groups far apart give the smallest possible p.
+    assert stats.permutation_test(np.ones(20), np.zeros(20), n_perm=99) == pytest.approx(0.01)
+    with pytest.raises(ValueError, match="non-empty"):
+        stats.permutation_test([], [1.0])
+
+
+def test_ratio_bootstraps_by_hand():
+    # Equal ratios in every item: every resample gives 2, and the paired difference is always 0.
+    boots = stats.ratio_bootstrap([2, 4, 6], [1, 2, 3], n_boot=50)
+    assert boots.shape == (50,) and np.allclose(boots, 2.0)
+    same = stats.paired_ratio_bootstrap(([2, 4, 6], [1, 2, 3]), ([2, 4, 6], [1, 2, 3]), n_boot=50)
+    assert same["diff"] == 0 and same["ci"] == [0.0, 0.0] and same["p"] == 1.0
+    # Second ratio 3 vs first 2 in every item: diff 1, never 0 in a resample, p = 2 / (n_boot + 1).
+    up = stats.paired_ratio_bootstrap(([2, 4], [1, 2]), ([3, 6], [1, 2]), n_boot=99)
+    assert up["diff"] == pytest.approx(1.0) and up["ci"] == pytest.approx([1.0, 1.0]) and up["p"] == 0.02
+    with pytest.raises(ValueError, match="same items"):
+        stats.paired_ratio_bootstrap(([1], [1]), ([1, 2], [1, 1]))
+
