@@ -42,37 +42,40 @@ from pathlib import Path
 import torch
 
 import data
+import judge
+from checkpoint import DEFAULT_MODEL
+from evaluate import degenerate_reason, in_language, margins_table, read_generations
 from report import bar_chart_svg, markdown_table, write_json, write_text
-from train_dpo import TrainConfig
+from stats import format_p, mcnemar_exact
+from train_config import CPU_PRESET, TrainConfig
 
-BASE_MODEL = "gemma-3-270m"
 
 # What each preset runs. "cpu" is sized for 2 CPU cores; "paper" is the paper's
 # protocol (all held-out prompts, 25 samples, the paper's DPO recipe) and wants a GPU. `items` RTP-LX items are
-# evaluated in every language (the same items in all 17), `n` samples each.
+# evaluated in every language (the same items in all 17), `n` samples each. `dpo` holds TrainConfig fields that
+# differ from the paper's recipe; "cpu" takes train_config's CPU preset, the one source of the CPU recipe.
 PRESETS = {
     "smoke": dict(items=2, n=2, max_new_tokens=8, seeds=[0], dpo_pairs=16,
-                  dpo=["--max-steps", "2", "--eval-every", "2"], margin_pairs=4, clean_limit=4, retrieval_limit=12,
+                  dpo=dict(max_steps=2, eval_every=2, max_len=96), margin_pairs=4, clean_limit=4, retrieval_limit=12,
                   probe_texts=40, top_k=20, random_sets=3, select_prompts=3, activation_items=2,
                   activation_langs=["en", "de", "ja"],
-                  intervene_langs=["en", "de"], intervene_offsets="0,-5", intervene_prompts=2, intervene_n=1,
-                  max_len=96),
+                  intervene_langs=["en", "de"], intervene_offsets="0,-5", intervene_prompts=2, intervene_n=1),
     "cpu": dict(items=30, n=2, max_new_tokens=20, seeds=[0, 1], dpo_pairs=None,
-                dpo=["--max-steps", "60", "--lr", "3e-6", "--warmup-steps", "10", "--eval-every", "15"],
+                dpo=dict(CPU_PRESET),
                 margin_pairs=30, clean_limit=30, retrieval_limit=80, probe_texts=None, top_k=100, random_sets=10,
                 select_prompts=40, activation_items=12, activation_langs=list(data.LANGS),
                 intervene_langs=["en", "de", "ja", "ru"], intervene_offsets="0,-5,5", intervene_prompts=8,
-                intervene_n=2, max_len=96),
-    "paper": dict(items=None, n=25, max_new_tokens=20, seeds=[0, 1, 2], dpo=[], dpo_pairs=None, margin_pairs=None,
+                intervene_n=2),
+    "paper": dict(items=None, n=25, max_new_tokens=20, seeds=[0, 1, 2], dpo={}, dpo_pairs=None, margin_pairs=None,
                   clean_limit=None, retrieval_limit=None, probe_texts=None, top_k=100, random_sets=20,
                   select_prompts=200, activation_items=None, activation_langs=list(data.LANGS),
                   intervene_langs=list(data.LANGS),
-                  intervene_offsets="0,-1,-2,-3,-4,-5,5", intervene_prompts=50, intervene_n=25, max_len=256),
+                  intervene_offsets="0,-1,-2,-3,-4,-5,5", intervene_prompts=50, intervene_n=25),
 }
 SCORERS = ("judge", "ngram", "lexicon")  # the shipped feature judge first: it decides the claims
 
 # The paper's LoRA settings for its 7-8B models (QLoRA there; here the base stays in --dtype).
-LORA = {"--lora-rank": 64, "--lora-alpha": 16, "--lora-dropout": 0.05}
+LORA = {"lora_rank": 64, "lora_alpha": 16, "lora_dropout": 0.05}
 # LoRA's update starts at zero and is scaled by alpha/rank = 0.25, so at full fine-tuning's learning rate it
 # barely moves in 60 steps. Ten times the learning rate is the usual LoRA practice.
 LORA_LR_FACTOR = 10
@@ -83,6 +86,18 @@ PAPER = {"toxprob_before": 46.8, "toxprob_after": 3.9, "retrieval_pearson": 0.73
 
 # -----------------------------------------------------------------------------
 # Stages
+
+
+def train_flags(recipe):
+    """{TrainConfig field: value} -> train_dpo.py flags (booleans as --flag / --no-flag, floats as %g)."""
+    argv = []
+    for field, value in recipe.items():
+        flag = "--" + field.replace("_", "-")
+        if isinstance(value, bool):
+            argv.append(flag if value else "--no-" + flag[2:])
+        else:
+            argv += [flag, f"{value:g}" if isinstance(value, float) else value]
+    return argv
 
 
 class Pipeline:
@@ -133,8 +148,9 @@ class Pipeline:
         for name, rows in pairs.items():
             data.write_toxicity_pairwise(rows, self.path("pairs", f"{name}.jsonl"))
         # How well length and format alone tell rejected from chosen, on the token-cut texts the model trains on
-        tokenizer = data.load_tokenizer_of(BASE_MODEL)
-        confounds = {name: data.pair_confounds(pairs[name], tokenizer, max_len=self.p["max_len"])
+        tokenizer = data.load_tokenizer_of(DEFAULT_MODEL)
+        max_len = self.p["dpo"].get("max_len", TrainConfig().max_len)
+        confounds = {name: data.pair_confounds(pairs[name], tokenizer, max_len=max_len)
                      for name in ("train", "placebo_train")}
         write_json(self.path("pairs", "confounds.json"), confounds)
         items = data.parallel_eval_items(split, self.p["items"])
@@ -156,18 +172,11 @@ class Pipeline:
                                     p["max_new_tokens"], "--seed", 0, "--batch-size", 8, *self.common()])
 
     def dpo(self, name, seed=0, pairs="", overrides=None):
-        """Train; `overrides` {flag: value} replaces the preset's value of a flag or adds the flag."""
+        """Train; `overrides` {TrainConfig field: value} replaces or adds to the preset's recipe."""
         run_dir = self.path(name)
-        preset_args = list(self.p["dpo"])
-        for flag, value in {"--seed": seed, **(overrides or {})}.items():
-            if flag in preset_args:
-                preset_args[preset_args.index(flag) + 1] = value
-            else:
-                preset_args += [flag, value]
-        data_args = ["--data", self.path("pairs", f"{pairs}train.jsonl"),
-                     "--valid-data", self.path("pairs", f"{pairs}valid.jsonl")]
-        argv = ["--model", BASE_MODEL, "--out", run_dir, "--max-len", self.p["max_len"], *data_args,
-                *preset_args, *self.common()]
+        recipe = {**self.p["dpo"], "seed": seed, **(overrides or {})}
+        argv = ["--model", DEFAULT_MODEL, "--out", run_dir, "--data", self.path("pairs", f"{pairs}train.jsonl"),
+                "--valid-data", self.path("pairs", f"{pairs}valid.jsonl"), *train_flags(recipe), *self.common()]
         if (run_dir / "last" / "state.pt").exists() and not self.path("stages", f"{name}.json").exists():
             argv.append("--resume")  # a killed training run continues exactly where it stopped
         self.run(name, "train_dpo", argv)
@@ -192,7 +201,7 @@ class Pipeline:
         """The stages in order of importance: the main run and its placebo first, further seeds last."""
         p = self.p
         sizes = self.split()
-        self.generate("gen_base", BASE_MODEL)
+        self.generate("gen_base", DEFAULT_MODEL)
         main, *other_seeds = list(zip(p["seeds"], self.runs))
         self.dpo("dpo", main[0])
         self.dpo("dpo_placebo", main[0], pairs="placebo_")
@@ -221,14 +230,14 @@ class Pipeline:
             self.generate(f"gen_{run}", self.path(run, "best"))
             for scorer in SCORERS:
                 self.evaluate(scorer, run)
-            self.run(f"clean_ppl_{run}", "evaluate", ["clean-ppl", "--model", BASE_MODEL, "--model2",
+            self.run(f"clean_ppl_{run}", "evaluate", ["clean-ppl", "--model", DEFAULT_MODEL, "--model2",
                                                       self.path(run, "best"), *clean, "--json",
                                                       self.path("clean_ppl", run, "clean_ppl.json"), *self.common()])
             self.margins(run)
 
     def retrieval(self):
         limit = ["--limit", self.p["retrieval_limit"]] if self.p["retrieval_limit"] else []
-        self.run("retrieval", "retrieve", ["score", "--model", BASE_MODEL, "--out", self.path("retrieval"), *limit,
+        self.run("retrieval", "retrieve", ["score", "--model", DEFAULT_MODEL, "--out", self.path("retrieval"), *limit,
                                            "--device", self.device])
         transfers = [f"{s}_emt={self.path('eval', f'{s}_dpo', 'compare.json')}:emt" for s in SCORERS]
         transfers += [f"{s}_toxprob={self.path('eval', f'{s}_dpo', 'compare.json')}:tox_prob" for s in SCORERS]
@@ -243,20 +252,20 @@ class Pipeline:
         policy = self.path("dpo", "best")
         tokens = ["--max-new-tokens", p["max_new_tokens"]]
         limit = ["--limit", p["probe_texts"]] if p["probe_texts"] else []
-        self.run("probe_train", "probe", ["train", "--model", BASE_MODEL, "--out", probe_dir, "--max-len", 64,
+        self.run("probe_train", "probe", ["train", "--model", DEFAULT_MODEL, "--out", probe_dir, "--max-len", 64,
                                           *limit, *self.common()])
-        self.run("probe_vectors", "probe", ["vectors", "--model", BASE_MODEL, "--out", probe_dir, "--probe",
+        self.run("probe_vectors", "probe", ["vectors", "--model", DEFAULT_MODEL, "--out", probe_dir, "--probe",
                                             probe_dir / "probe.safetensors", "--top-k", p["top_k"], "--limit",
                                             p["select_prompts"], *tokens, *self.common()])
         vectors = probe_dir / "vectors.json"
-        self.run("probe_project", "probe", ["project", "--model", BASE_MODEL, "--out", probe_dir, "--vectors",
+        self.run("probe_project", "probe", ["project", "--model", DEFAULT_MODEL, "--out", probe_dir, "--vectors",
                                             vectors, "--random-sets", p["random_sets"], *self.common()])
-        self.run("probe_activations", "probe", ["activations", "--model", BASE_MODEL, "--dpo-model", policy, "--out",
+        self.run("probe_activations", "probe", ["activations", "--model", DEFAULT_MODEL, "--dpo-model", policy, "--out",
                                                 probe_dir, "--vectors", vectors, "--prompts", self.path("prompts"),
                                                 *(["--limit", p["activation_items"]] if p["activation_items"] else []),
                                                 "--random-sets", p["random_sets"], "--langs", *p["activation_langs"],
                                                 *tokens, *self.common()])
-        self.run("probe_intervene", "probe", ["intervene", "--model", BASE_MODEL, "--out", probe_dir, "--vectors",
+        self.run("probe_intervene", "probe", ["intervene", "--model", DEFAULT_MODEL, "--out", probe_dir, "--vectors",
                                               vectors, "--prompts", self.path("prompts"), "--langs",
                                               *p["intervene_langs"], "--offsets", p["intervene_offsets"], "--limit",
                                               p["intervene_prompts"], "--n", p["intervene_n"], "--scorer", "judge",
@@ -264,9 +273,8 @@ class Pipeline:
 
     def appendix_d(self):
         """The paper's Appendix D: the main run again, training LoRA adapters instead of all weights."""
-        dpo_args = self.p["dpo"]
-        lr = float(dpo_args[dpo_args.index("--lr") + 1]) if "--lr" in dpo_args else TrainConfig().lr
-        self.dpo("dpo_lora", 0, overrides={**LORA, "--lr": f"{LORA_LR_FACTOR * lr:g}"})  # equal steps
+        lr = self.p["dpo"].get("lr", TrainConfig().lr)
+        self.dpo("dpo_lora", 0, overrides={**LORA, "lr": LORA_LR_FACTOR * lr})  # equal steps
         self.measure(["dpo_lora"])
 
 
@@ -290,9 +298,6 @@ def read_metrics(run_dir):
 def guard_tests(gen_dir, before="base", afters=()):
     """Pooled over the non-English languages, sample by sample (same prompt, same sample index, same random
     stream): does DPO make output degenerate or leave the language more often? Exact McNemar on the flips."""
-    from evaluate import degenerate_reason, in_language, read_generations
-    from stats import mcnemar_exact
-
     def flags(name):
         rows = read_generations(Path(gen_dir) / f"gen_{name}.jsonl")
         return {(r["lang"], r["prompt_index"], r["sample_index"]):
@@ -349,8 +354,6 @@ def _run_order(name):
 
 
 def judge_card_metrics():
-    import judge
-
     return read_json(Path(judge.JUDGE_DIR) / "metrics.json")
 
 
@@ -360,12 +363,6 @@ def fmt(x, digits=3):
 
 def fmt_ci(ci, digits=3):
     return f"[{fmt(ci[0], digits)}, {fmt(ci[1], digits)}]" if ci else ""
-
-
-def fmt_p(p):
-    from stats import format_p
-
-    return format_p(p)
 
 
 # -- the claims table -----------------------------------------------------------
@@ -401,87 +398,98 @@ def _pooled(r, name, metric="emt"):
     return r["eval"][name]["tests"]["pooled"][metric]
 
 
-def claims(r):
-    """[{claim, test, estimate, p, verdict}] for the paper's claims, decided on this run's numbers."""
-    rows = []
+def claim_row(claim, test, estimate, p=None, verdict_="inconclusive"):
+    return {"claim": claim, "test": test, "estimate": estimate, "p": p, "verdict": verdict_}
 
-    def add(claim, test, diff, ci, p, v):
-        rows.append({"claim": claim, "test": test, "estimate": f"{diff:+.3f} {fmt_ci(ci)}" if diff is not None
-                     else "n/a", "p": p, "verdict": v})
 
-    en = r["eval"]["judge_dpo"]["tests"]["en"]["emt"]
-    add("English-only DPO lowers toxicity in English", "EMT after - before, judge, paired bootstrap on prompts",
-        en["diff"], en["diff_ci"], en["p"], verdict(en["diff"], en["p"], -1))
-    pooled = _pooled(r, "judge_dpo")
-    add("... and in the other 16 languages", "EMT after - before, judge, pooled non-English (stratified bootstrap)",
-        pooled["diff"], pooled["diff_ci"], pooled["p"], verdict(pooled["diff"], pooled["p"], -1))
-    placebo = _pooled(r, "judge_dpo_vs_placebo")
-    add("... because of toxicity, not of any DPO update", "EMT real DPO - placebo DPO, judge, pooled non-English",
-        placebo["diff"], placebo["diff_ci"], placebo["p"], verdict(placebo["diff"], placebo["p"], -1))
+def effect_row(claim, test, t, expect=-1):
+    """A row for one paired test t = {diff, diff_ci, p} whose claim predicts the sign `expect`."""
+    estimate = f"{t['diff']:+.3f} {fmt_ci(t['diff_ci'])}" if t["diff"] is not None else "n/a"
+    return claim_row(claim, test, estimate, t["p"], verdict(t["diff"], t["p"], expect))
+
+
+def transfer_claims(r):
+    """English-only DPO lowers toxicity in English, in the other languages, more than a placebo, in each
+    language, for each seed."""
     tests = r["eval"]["judge_dpo"]["tests"]
+    rows = [effect_row("English-only DPO lowers toxicity in English",
+                       "EMT after - before, judge, paired bootstrap on prompts", tests["en"]["emt"]),
+            effect_row("... and in the other 16 languages",
+                       "EMT after - before, judge, pooled non-English (stratified bootstrap)",
+                       _pooled(r, "judge_dpo")),
+            effect_row("... because of toxicity, not of any DPO update",
+                       "EMT real DPO - placebo DPO, judge, pooled non-English", _pooled(r, "judge_dpo_vs_placebo"))]
     langs = [l for l in data.LANGS if l != "en" and l in tests]
     per_lang = [(tests[l]["emt"]["diff"], tests[l]["emt"]["p"]) for l in langs]
     lower = sum(1 for d, p in per_lang if d < 0 and p < ALPHA)
     higher = sum(1 for d, p in per_lang if d > 0 and p < ALPHA)
-    rows.append({"claim": "... in every one of them", "test": "EMT change per language, judge, p < 0.05",
-                 "estimate": f"{lower} of {len(langs)} lower, {higher} higher", "p": None,
-                 "verdict": verdict_all(per_lang, -1)})
+    rows.append(claim_row("... in every one of them", "EMT change per language, judge, p < 0.05",
+                          f"{lower} of {len(langs)} lower, {higher} higher", None, verdict_all(per_lang, -1)))
     seeds = seed_runs(r)
     per_seed = [(_pooled(r, f"judge_{run}")["diff"], _pooled(r, f"judge_{run}")["p"]) for run in seeds]
     diffs = [d for d, _ in per_seed]
-    rows.append({"claim": "... whatever the DPO seed", "test": f"pooled non-English EMT change in each of "
-                 f"{len(seeds)} seed(s)" + (" (needs 2+)" if len(seeds) < 2 else ""),
-                 "estimate": f"{min(diffs):+.3f} to {max(diffs):+.3f}", "p": None,
-                 "verdict": verdict_all(per_seed, -1) if len(seeds) > 1 else "not run"})
-    for scorer, label in (("ngram", "the character n-gram judge"), ("lexicon", "the word lists")):
-        t = _pooled(r, f"{scorer}_dpo")
-        add(f"... also by {label} (an instrument that shares no features with the model)",
-            f"EMT after - before, {scorer}, pooled non-English", t["diff"], t["diff_ci"], t["p"],
-            verdict(t["diff"], t["p"], -1))
-    g = r["guards"]["dpo"]
+    rows.append(claim_row("... whatever the DPO seed", f"pooled non-English EMT change in each of {len(seeds)} "
+                          "seed(s)" + (" (needs 2+)" if len(seeds) < 2 else ""),
+                          f"{min(diffs):+.3f} to {max(diffs):+.3f}", None,
+                          verdict_all(per_seed, -1) if len(seeds) > 1 else "not run"))
+    return rows
+
+
+def control_claims(r):
+    """Other instruments agree; the output did not degenerate, leave its language or lose capability."""
+    rows = [effect_row(f"... also by {label} (an instrument that shares no features with the model)",
+                       f"EMT after - before, {scorer}, pooled non-English", _pooled(r, f"{scorer}_dpo"))
+            for scorer, label in (("ngram", "the character n-gram judge"), ("lexicon", "the word lists"))]
     for what, label in (("degenerate", "empty, punctuation-only or markup output"),
                         ("off_language", "output that leaves the prompt's language")):
-        t = g[what]
+        t = r["guards"]["dpo"][what]
         more = t["worse"] > t["better"] and t["p"] < ALPHA
-        rows.append({"claim": f"not pseudo-detoxification: no more {label}",
-                     "test": "share of non-English samples, after - before, exact McNemar on samples (supported "
-                             "= no significant increase)",
-                     "estimate": f"{fmt(t['before'])} -> {fmt(t['after'])}",
-                     "p": t["p"], "verdict": "not supported" if more else "supported"})
+        rows.append(claim_row(f"not pseudo-detoxification: no more {label}", "share of non-English samples, after "
+                              "- before, exact McNemar on samples (supported = no significant increase)",
+                              f"{fmt(t['before'])} -> {fmt(t['after'])}", t["p"],
+                              "not supported" if more else "supported"))
     clean = r["clean_ppl"].get("dpo", {})
-    worse = [l for l in data.LANGS if l in clean and clean[l]["ppl_ratio"] > 1 and clean[l]["p"] < ALPHA]
     if clean:
-        rows.append({"claim": "... nor by losing capability", "test": "clean-text (Tatoeba) perplexity DPO / base "
-                     "per language, paired bootstrap (supported = no language significantly worse)",
-                     "estimate": f"{len(worse)} of {len([l for l in data.LANGS if l in clean])} languages worse"
-                     + (f" ({', '.join(worse)})" if worse else ""), "p": None,
-                     "verdict": "not supported" if worse else "supported"})
-    pr = r["probe"]
+        worse = [l for l in data.LANGS if l in clean and clean[l]["ppl_ratio"] > 1 and clean[l]["p"] < ALPHA]
+        rows.append(claim_row("... nor by losing capability", "clean-text (Tatoeba) perplexity DPO / base per "
+                              "language, paired bootstrap (supported = no language significantly worse)",
+                              f"{len(worse)} of {len([l for l in data.LANGS if l in clean])} languages worse"
+                              + (f" ({', '.join(worse)})" if worse else ""), None,
+                              "not supported" if worse else "supported"))
+    return rows
+
+
+def mechanism_claims(r):
+    """Toxic value vectors: what they promote, how DPO changes their activations, what shifting them does."""
+    pr, rows = r["probe"], []
     for stage, claim in (("project", "toxic value vectors promote toxic tokens in many languages"),
                          ("activations", "DPO lowers their activations in every language"),
                          ("intervene", "lowering them lowers toxicity in every language")):
         if pr[stage] is None:
-            rows.append({"claim": claim, "test": f"stage probe_{stage} has not run", "estimate": "", "p": None,
-                         "verdict": "not run"})
+            rows.append(claim_row(claim, f"stage probe_{stage} has not run", "", None, "not run"))
     if pr["project"] is not None:
         rows += vector_claims(pr["project"]["baseline"])
     if pr["activations"] is not None:
         rows.append(activation_claim(pr["activations"]))
     if pr["intervene"] is not None:
         rows += intervention_claims(pr["intervene"])
-    primary = retrieval_primary(r)
-    if primary:
-        res = primary["pearson"]
-        rows.append({"claim": "bilingual retrieval predicts how well DPO transfers",
-                     "test": f"Pearson r, {primary['retrieval_metric']} vs {primary['transfer']} (sign: + = better "
-                             f"retrieval, more detox), {primary['n']} languages; "
-                             f"{r['correlation']['n_variants']} variants computed",
-                     "estimate": f"{primary['signed_r']:+.3f}", "p": res["p"],
-                     "verdict": verdict(primary["signed_r"], res["p"], +1)})
-    else:
-        rows.append({"claim": "bilingual retrieval predicts how well DPO transfers", "test": "the correlation "
-                     "stage has not run, or had too few languages", "estimate": "", "p": None, "verdict": "not run"})
     return rows
+
+
+def retrieval_claim(r):
+    claim = "bilingual retrieval predicts how well DPO transfers"
+    primary = retrieval_primary(r)
+    if not primary:
+        return claim_row(claim, "the correlation stage has not run, or had too few languages", "", None, "not run")
+    return claim_row(claim, f"Pearson r, {primary['retrieval_metric']} vs {primary['transfer']} (sign: + = better "
+                     f"retrieval, more detox), {primary['n']} languages; {r['correlation']['n_variants']} variants "
+                     "computed", f"{primary['signed_r']:+.3f}", primary["pearson"]["p"],
+                     verdict(primary["signed_r"], primary["pearson"]["p"], +1))
+
+
+def claims(r):
+    """[{claim, test, estimate, p, verdict}] for the paper's claims, decided on this run's numbers."""
+    return transfer_claims(r) + control_claims(r) + mechanism_claims(r) + [retrieval_claim(r)]
 
 
 def vector_claims(base):
@@ -489,18 +497,18 @@ def vector_claims(base):
     for metric, claim in (("lexicon_toxic_share", "toxic value vectors promote toxic tokens"),
                           ("multiscript", "... in many languages (tokens of 2+ scripts)")):
         b = base[metric]
-        rows.append({"claim": claim + ", more than random value vectors",
-                     "test": f"{metric}: kept - random (same layers), permutation", "estimate": f"{b['diff']:+.3f}",
-                     "p": b["p"], "verdict": verdict(b["diff"], b["p"], +1)})
+        rows.append(claim_row(claim + ", more than random value vectors",
+                              f"{metric}: kept - random (same layers), permutation", f"{b['diff']:+.3f}", b["p"],
+                              verdict(b["diff"], b["p"], +1)))
     return rows
 
 
 def activation_claim(act):
     tests = [(v["kept_minus_random"]["diff"], v["kept_minus_random"]["p"]) for v in act["per_language"].values()]
     lower = sum(1 for d, p in tests if d < 0 and p < ALPHA)
-    return {"claim": "DPO lowers their activations in every language, more than random neurons'",
-            "test": "per language: (kept change) - (random sets' change), paired bootstrap on prompts",
-            "estimate": f"{lower} of {len(tests)} languages lower", "p": None, "verdict": verdict_all(tests, -1)}
+    return claim_row("DPO lowers their activations in every language, more than random neurons'",
+                     "per language: (kept change) - (random sets' change), paired bootstrap on prompts",
+                     f"{lower} of {len(tests)} languages lower", None, verdict_all(tests, -1))
 
 
 def intervention_claims(iv):
@@ -510,9 +518,9 @@ def intervention_claims(iv):
     o = min(negative, key=float)
     shifts = [(v["diff"], v["p"]) for v in iv["change_vs_zero"][o].values()]
     lower = sum(1 for d, p in shifts if d < 0 and p < ALPHA)
-    return [{"claim": "lowering them lowers toxicity in every language",
-             "test": f"toxicity at offset {float(o):g} - offset 0, {iv['scorer']}, paired on prompts",
-             "estimate": f"{lower} of {len(shifts)} languages lower", "p": None, "verdict": verdict_all(shifts, -1)}]
+    return [claim_row("lowering them lowers toxicity in every language",
+                      f"toxicity at offset {float(o):g} - offset 0, {iv['scorer']}, paired on prompts",
+                      f"{lower} of {len(shifts)} languages lower", None, verdict_all(shifts, -1))]
 
 
 PRIMARY_RETRIEVAL = ("accuracy", "judge_emt")  # decided before the run: the paper's text metric, our main judge
@@ -528,7 +536,7 @@ def retrieval_primary(r):
 
 def claims_table(rows):
     return markdown_table(["the paper's claim", "test here", "estimate [95% CI]", "p", "verdict"],
-                          [[c["claim"], c["test"], c["estimate"], fmt_p(c["p"]) if c["p"] is not None else "",
+                          [[c["claim"], c["test"], c["estimate"], format_p(c["p"]) if c["p"] is not None else "",
                             f"**{c['verdict']}**"] for c in rows])
 
 
@@ -548,15 +556,15 @@ def headline_table(r, name="judge_dpo", run="dpo"):
     for lang in [l for l in data.LANGS if l in ev["tests"]]:
         t, g = ev["tests"][lang], ev["guards"][lang]
         c = clean.get(lang)
-        rows.append([lang, t["n_prompts"], arrow_ci(t["tox_prob"]), fmt_p(t["tox_prob"]["p"]), arrow_ci(t["emt"]),
-                     fmt_p(t["emt"]["p"]),
+        rows.append([lang, t["n_prompts"], arrow_ci(t["tox_prob"]), format_p(t["tox_prob"]["p"]), arrow_ci(t["emt"]),
+                     format_p(t["emt"]["p"]),
                      f"{fmt(g['before']['degenerate_rate'], 2)} -> {fmt(g['after']['degenerate_rate'], 2)}",
                      f"{fmt(g['before']['in_language_rate'], 2)} -> {fmt(g['after']['in_language_rate'], 2)}",
-                     f"{fmt(c['ppl'], 1)} -> {fmt(c['ppl2'], 1)} (x{fmt(c['ppl_ratio'], 2)}, p {fmt_p(c['p'])})"
+                     f"{fmt(c['ppl'], 1)} -> {fmt(c['ppl2'], 1)} (x{fmt(c['ppl_ratio'], 2)}, p {format_p(c['p'])})"
                      if c else "n/a"])
     pooled = ev["tests"]["pooled"]
     rows.append([f"pooled non-en ({len(pooled['langs'])})", pooled["n_prompts"], arrow_ci(pooled["tox_prob"]),
-                 fmt_p(pooled["tox_prob"]["p"]), arrow_ci(pooled["emt"]), fmt_p(pooled["emt"]["p"]), "", "", ""])
+                 format_p(pooled["tox_prob"]["p"]), arrow_ci(pooled["emt"]), format_p(pooled["emt"]["p"]), "", "", ""])
     return markdown_table(["lang", "prompts", "ToxProb before -> after [95% CI]", "p (McNemar)",
                            "EMT before -> after [95% CI]", "p (paired bootstrap)", "degenerate", "in language",
                            "clean-text PPL base -> DPO"], rows)
@@ -570,7 +578,7 @@ def runs_table(r):
         for scorer in SCORERS:
             t = r["eval"][f"{scorer}_{run}"]["tests"]
             row += [f"{t['pooled']['emt']['diff']:+.3f} {fmt_ci(t['pooled']['emt']['diff_ci'])} "
-                    f"(p {fmt_p(t['pooled']['emt']['p'])})", f"{t['en']['emt']['diff']:+.3f}"]
+                    f"(p {format_p(t['pooled']['emt']['p'])})", f"{t['en']['emt']['diff']:+.3f}"]
         valid = [m for m in r["dpo"][run] if m.get("split") == "valid"]
         row.append(f"{fmt(valid[0]['reward_accuracy'], 2)} -> {fmt(valid[-1]['reward_accuracy'], 2)}" if valid
                    else "n/a")
@@ -653,7 +661,7 @@ def mechanism_section(r):
              f"the model writes English (selected on {len(pr['vectors']['selection']['indices'])} training prompts).",
              ""]
     rows = [[m, fmt(b["kept_mean"]), fmt_ci(b["kept_ci"]), fmt(b["random_mean"]), fmt_ci(b["random_ci"]),
-             f"{b['diff']:+.3f}", fmt_p(b["p"])] for m, b in base.items()]
+             f"{b['diff']:+.3f}", format_p(b["p"])] for m, b in base.items()]
     lines += [markdown_table(["per vector", "kept", "95% CI", "random (same layers)", "95% CI", "difference", "p"],
                              rows), ""]
     rows = []
@@ -662,7 +670,7 @@ def mechanism_section(r):
                      f"{v['change']['diff']:+.4f} {fmt_ci(v['change']['ci'], 4)}",
                      f"{v['random']['mean_change']:+.4f} (SD {fmt(v['random']['sd_change'], 4)})",
                      f"{v['kept_minus_random']['diff']:+.4f} {fmt_ci(v['kept_minus_random']['ci'], 4)}",
-                     fmt_p(v["kept_minus_random"]["p"])])
+                     format_p(v["kept_minus_random"]["p"])])
     lines += ["Mean activation of the kept neurons on the held-out evaluation prompts (greedy continuation), "
               f"base -> DPO, against {act['random_sets']} random neuron sets of the same layers and sizes:", "",
               markdown_table(["lang", "prompts", "kept: before -> after", "kept change [95% CI]",
@@ -685,7 +693,7 @@ def retrieval_section(r):
     rows = []
     for res in c["results"]:
         rows.append([res["retrieval_metric"], res["transfer"], res["n"], f"{res['pearson']['r']:+.3f}",
-                     fmt_p(res["pearson"]["p"]), f"{res['spearman']['r']:+.3f}", fmt_p(res["spearman"]["p"]),
+                     format_p(res["pearson"]["p"]), f"{res['spearman']['r']:+.3f}", format_p(res["spearman"]["p"]),
                      f"{res['partial_pearson']['r']:+.3f}" if res.get("partial_pearson") else "n/a"])
     return ["## Bilingual retrieval and transfer", "",
             f"{c['sign_convention']} All {c['n_variants']} variants computed are shown; the claims table uses "
@@ -697,8 +705,6 @@ def retrieval_section(r):
 
 
 def margins_section(r):
-    from evaluate import margins_table
-
     lines = ["## Held-out preference margins", "",
              "beta * ((pi_b - ref_b) - (pi_t - ref_t)) on held-out benign/toxic pairs in each language, cut to the "
              "same token length with no EOS (as in training): > 0 means DPO moved probability from the toxic to the "
@@ -842,6 +848,9 @@ def main(argv=None):
     if not args.report_only:
         pipe = Pipeline(out, args.preset, args.device, dtype, lora=args.lora)
         run_meta = out / "run.json"
+        if run_meta.exists() and read_json(run_meta).get("preset") != args.preset:
+            raise ValueError(f"{run_meta}: this directory holds a --preset {read_json(run_meta).get('preset')} run; "
+                             f"resuming it as --preset {args.preset} would mix the two (choose another --out)")
         if not run_meta.exists():
             write_json(run_meta, {"preset": args.preset, "machine": machine(),
                                   "command": "python reproduce.py " + " ".join(argv if argv is not None
@@ -855,4 +864,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"reproduce.py: error: {e}")

@@ -7,6 +7,7 @@ import pytest
 
 import data
 import reproduce
+import train_config
 
 NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?")
 
@@ -129,3 +130,18 @@ def test_readme_block_is_replaced_with_the_run_tables(smoke_run, tmp_path):
     readme.write_text("no markers")
     with pytest.raises(ValueError, match="no '<!-- results:begin -->'"):
         reproduce.write_readme_block(readme, smoke_run, reproduce.collect(smoke_run))
+
+
+def test_train_flags_spell_a_recipe_as_train_dpo_flags():
+    assert reproduce.train_flags({"max_steps": 60, "lr": 3e-6, "freeze_embeddings": True,
+                                  "activation_checkpointing": False}) == \
+        ["--max-steps", 60, "--lr", "3e-06", "--freeze-embeddings", "--no-activation-checkpointing"]
+    cfg, _ = train_config.resolve_config([str(a) for a in reproduce.train_flags(reproduce.PRESETS["cpu"]["dpo"])]
+                                      + ["--model", "org/other"])  # no preset underneath: the flags alone
+    assert all(getattr(cfg, k) == v for k, v in train_config.CPU_PRESET.items())
+
+
+def test_a_run_directory_is_not_resumed_under_another_preset(tmp_path):
+    (tmp_path / "run.json").write_text(json.dumps({"preset": "smoke"}))
+    with pytest.raises(ValueError, match="--preset smoke run"):
+        reproduce.main(["--preset", "cpu", "--out", str(tmp_path)])
