@@ -19,7 +19,6 @@ import mmap
 import os
 import re
 import struct
-import sys
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -27,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from report import atomic_write, write_json
+from report import atomic_write, exit_on_error, write_json
 
 # ---------------------------------------------------------------------------------------------------------------------
 # safetensors
@@ -526,7 +525,7 @@ def read_gguf(path, dtype=torch.float32, device="cpu") -> tuple[dict, dict[str, 
 # CLI
 # ---------------------------------------------------------------------------------------------------------------------
 
-def main(argv=None) -> int:
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     name_help = f"local HF dir, .safetensors/.gguf file, '{DEFAULT_MODEL}', or hub id org/name"
@@ -535,19 +534,14 @@ def main(argv=None) -> int:
     p = sub.add_parser("inspect", help="print the HF config (JSON) then one 'name dtype shape' line per tensor")
     p.add_argument("name", help=name_help)
     args = ap.parse_args(argv)
-    try:
-        if args.cmd == "resolve":
-            print(resolve_checkpoint(args.name))
-            return 0
-        config, tensors, _ = load_checkpoint(args.name)
-    except (ValueError, FileNotFoundError) as e:  # bad input: one line, no traceback
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    if args.cmd == "resolve":
+        print(resolve_checkpoint(args.name))
+        return
+    config, tensors, _ = load_checkpoint(args.name)
     print(json.dumps(config, indent=2))
     for name, t in tensors.items():
         print(f"{name}\t{str(t.dtype).removeprefix('torch.')}\t{list(t.shape)}")
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_on_error(main)

@@ -42,13 +42,12 @@ import html
 import json
 import random
 import re
-import sys
 import unicodedata
 from pathlib import Path
 
 from checkpoint import cache_dir, resolve_checkpoint
 from dpo import tokenize_pairs
-from report import write_text
+from report import exit_on_error, write_text
 from stats import roc_auc
 from tokenizer import load_tokenizer
 
@@ -760,4 +759,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_on_error(main)

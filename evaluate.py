@@ -50,7 +50,7 @@ from checkpoint import DEFAULT_MODEL
 from data import LANGS, default_split, iter_jsonl, load_tatoeba
 from dpo import batch_logps, collate, compute_logps, tokenize_pairs
 from loading import add_device_args, load_model, resolve_dtype
-from report import bar_chart_svg, markdown_table, write_json, write_text
+from report import bar_chart_svg, exit_on_error, markdown_table, write_json, write_text
 from scorers import (PERSPECTIVE_URL, SCORERS, SUBSTRING_LANGS, TOXIC_THRESHOLD, WORDLIST_DIR, LexiconScorer,
                      make_scorer)
 from stats import (auc_ci, bootstrap_ci, cohen_kappa, format_p, mcnemar_exact, paired_bootstrap,
@@ -1082,4 +1082,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_error(main)

@@ -44,7 +44,7 @@ from checkpoint import DEFAULT_MODEL
 from data import LANGS, lang_from_path, load_prompts
 from loading import add_device_args, load_model, resolve_dtype
 from model import DTYPES
-from report import write_json
+from report import exit_on_error, write_json
 
 # Candidates kept by the partial selection before the exact nucleus search. With gemma-3-270m the 1024 best
 # tokens almost always hold more than top_p = 0.8 of the mass, so the full-sort fallback is rare. A larger value
@@ -426,4 +426,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_error(main)

@@ -47,7 +47,7 @@ from tqdm import tqdm
 from checkpoint import DEFAULT_MODEL, read_safetensors, write_safetensors
 from data import DATA_DIR, LANGS, default_split, iter_jsonl, load_rtplx, rtplx_pairs
 from loading import load_model
-from report import markdown_table, write_json, write_text
+from report import exit_on_error, markdown_table, write_json, write_text
 from stats import auc_ci, roc_auc
 
 ROOT = Path(__file__).resolve().parent
@@ -1139,4 +1139,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_error(main)

@@ -15,7 +15,6 @@ module sits above all four so none of them needs to know about the others' files
 """
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import lora
 from checkpoint import (DEFAULT_MODEL, cache_dir, read_config, read_gguf, read_hf_weights, resolve_checkpoint,
                         write_hf_weights)
 from model import DTYPES, Transformer
-from report import write_json
+from report import exit_on_error, write_json
 from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------
@@ -216,7 +215,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"loading.py: error: {e}")
+    exit_on_error(main)

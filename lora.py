@@ -26,7 +26,6 @@ import contextlib
 import json
 import math
 import re
-import sys
 from pathlib import Path
 
 import torch
@@ -35,7 +34,7 @@ import torch.nn.functional as F
 
 from checkpoint import read_safetensors, write_safetensors
 from model import qkv_split, check_tensors
-from report import write_json
+from report import exit_on_error, write_json
 
 # The linear layers of a block, by their attribute names in model.py. All of them is the paper's choice
 # ("all linear layers"); like PEFT's "all-linear", the LM head is never a target.
@@ -328,7 +327,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"lora.py: error: {e}")
+    exit_on_error(main)

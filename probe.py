@@ -42,7 +42,7 @@ from data import DATA_DIR, LANGS, default_split, iter_jsonl, load_parallel, load
 from generate import generate, generate_text, load_jobs
 from loading import add_device_args, load_model, resolve_dtype
 from model import pooled_activations
-from report import bar_chart_svg, line_chart_svg, markdown_table, write_json, write_text
+from report import bar_chart_svg, exit_on_error, line_chart_svg, markdown_table, write_json, write_text
 from scorers import SCORERS, TOXIC_THRESHOLD, LexiconScorer, make_scorer
 from stats import bootstrap_ci, format_p, paired_bootstrap, permutation_test, roc_auc, wilson_interval
 
@@ -739,4 +739,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_error(main)

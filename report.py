@@ -9,11 +9,28 @@ import argparse
 import json
 import math
 import os
+import sys
 import tempfile
 from xml.sax.saxutils import escape
 
 # Okabe-Ito palette: distinguishable under the common forms of colour blindness.
 PALETTE = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000"]
+
+
+# ----------------------------------------------------------------------------- scripts
+
+# What bad input, a missing or unwritable file, or a NaN raises. Anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, OSError, FloatingPointError)
+
+
+def exit_on_error(main):
+    """Run a script's main(); a user error ends it with one line, 'script.py: error: <message>', and status 1.
+    Every product script's __main__ goes through here, so all report bad input the same way."""
+    try:
+        return main()
+    except USER_ERRORS as e:
+        message = str(e) if not isinstance(e, OSError) or not e.filename else f"{e.filename}: {e.strerror}"
+        sys.exit(f"{os.path.basename(sys.argv[0])}: error: {' '.join(message.split())}")
 
 
 # ----------------------------------------------------------------------------- files
@@ -330,4 +347,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_error(main)

@@ -45,7 +45,7 @@ import data
 import judge
 from checkpoint import DEFAULT_MODEL
 from evaluate import degenerate_reason, in_language, margins_table, read_generations
-from report import bar_chart_svg, markdown_table, write_json, write_text
+from report import bar_chart_svg, exit_on_error, markdown_table, write_json, write_text
 from stats import format_p, mcnemar_exact
 from train_config import CPU_PRESET, TrainConfig
 
@@ -864,7 +864,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"reproduce.py: error: {e}")
+    exit_on_error(main)

@@ -39,7 +39,7 @@ import data
 from checkpoint import DEFAULT_MODEL
 from loading import add_device_args, load_model, resolve_dtype
 from model import pooled_activations
-from report import markdown_table, scatter_svg, write_json, write_text
+from report import exit_on_error, markdown_table, scatter_svg, write_json, write_text
 from stats import correlation_test, format_p, partial_correlation
 
 SOURCE_LANG = "en"
@@ -544,4 +544,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_error(main)

@@ -25,7 +25,7 @@ from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tok
 from tokenizers import Tokenizer as Backend
 
 import checkpoint
-from report import write_text
+from report import exit_on_error, write_text
 
 # llama.cpp's token types (gguf.TokenType), stored per token in tokenizer.ggml.token_type.
 NORMAL, CONTROL, USER_DEFINED = 1, 3, 4
@@ -445,4 +445,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_error(main)

@@ -19,6 +19,7 @@ import torch
 import lora
 from checkpoint import DEFAULT_MODEL
 from loading import resolve_dtype
+from report import exit_on_error
 from runstate import read_run_config
 
 
@@ -225,3 +226,13 @@ def check_config(cfg):
     need(cfg.lora_rank >= 0, f"--lora-rank must be >= 0 (0: full fine-tuning), got {cfg.lora_rank}")
     need(0 <= cfg.lora_dropout < 1, f"--lora-dropout must be in [0, 1), got {cfg.lora_dropout}")
     lora.parse_targets(cfg.lora_targets)
+
+
+def main(argv=None):
+    cfg, source = resolve_config(argv)
+    for k, v in dataclasses.asdict(cfg).items():
+        print(f"{k:24s} {v!s:24s} [{source[k]}]")
+
+
+if __name__ == "__main__":
+    exit_on_error(main)

@@ -27,7 +27,6 @@ import datetime
 import math
 import os
 import random
-import sys
 import time
 from pathlib import Path
 
@@ -40,7 +39,7 @@ import lora
 from dpo import STATS, autocast, batch_logps, collate, dpo_forward, summarize, tokenize_pairs
 from loading import load_model
 from model import DTYPES
-from report import write_json
+from report import exit_on_error, write_json
 from runstate import (MetricsLog, by_length, find_checkpoint, fixed_batches, load_resume_state, peak_memory_mb,
                       reference_key, rng_state, save_checkpoint, set_rng_state,
                       update_reference_cache)
@@ -460,7 +459,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
-        sys.exit(f"train_dpo.py: error: {e}")
+    exit_on_error(main)

@@ -12,6 +12,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import checkpoint as ck  # noqa: E402
+from hardening import assert_one_line_error, cli  # noqa: E402
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "gguf"
 
@@ -443,17 +444,17 @@ def test_read_gguf_bfloat16_keeps_small_norm_weights():
 
 def test_cli_inspect_and_resolve(tmp_path, capsys):
     src = FIXTURES / "tiny_gemma3.gguf"
-    assert ck.main(["inspect", str(src)]) == 0
+    ck.main(["inspect", str(src)])
     out = capsys.readouterr().out
     assert '"model_type": "gemma3_text"' in out and "model.embed_tokens.weight\tfloat32\t[64, 32]" in out
     ck.write_hf_weights(tmp_path, {"w": torch.ones(2, 3).bfloat16()})
     (tmp_path / "config.json").write_text('{"model_type": "llama"}')
-    assert ck.main(["inspect", str(tmp_path)]) == 0
+    ck.main(["inspect", str(tmp_path)])
     assert capsys.readouterr().out.endswith('"llama"\n}\nw\tbfloat16\t[2, 3]\n')
-    assert ck.main(["resolve", str(src)]) == 0 and capsys.readouterr().out.strip() == str(src)
-    assert ck.main(["inspect", str(tmp_path / "missing")]) == 1
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and "missing: no such file" in err and err.count("\n") == 1
+    ck.main(["resolve", str(src)])
+    assert capsys.readouterr().out.strip() == str(src)
+    status, _, err = cli("checkpoint.py", "inspect", tmp_path / "missing")
+    assert_one_line_error(status, err, r"^checkpoint.py: error: .*missing: no such file")
 
 
 # ---- the real embedded Gemma 3 270M ----------------------------------------------------------------------------------
