@@ -361,6 +361,20 @@ def fmt(x, digits=3):
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
+def signed(x, digits=3):
+    return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:+.{digits}f}"
+
+
+def finite(values):
+    """The values that are numbers (a language with no toxic sample before DPO has no EMT change)."""
+    return [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+
+
+def value_range(values):
+    values = finite(values)
+    return f"{min(values):+.3f} to {max(values):+.3f}" if values else "n/a (no finite value)"
+
+
 def fmt_ci(ci, digits=3):
     return f"[{fmt(ci[0], digits)}, {fmt(ci[1], digits)}]" if ci else ""
 
@@ -404,7 +418,7 @@ def claim_row(claim, test, estimate, p=None, verdict_="inconclusive"):
 
 def effect_row(claim, test, t, expect=-1):
     """A row for one paired test t = {diff, diff_ci, p} whose claim predicts the sign `expect`."""
-    estimate = f"{t['diff']:+.3f} {fmt_ci(t['diff_ci'])}" if t["diff"] is not None else "n/a"
+    estimate = f"{signed(t['diff'])} {fmt_ci(t['diff_ci'])}" if t["diff"] is not None else "n/a"
     return claim_row(claim, test, estimate, t["p"], verdict(t["diff"], t["p"], expect))
 
 
@@ -421,16 +435,15 @@ def transfer_claims(r):
                        "EMT real DPO - placebo DPO, judge, pooled non-English", _pooled(r, "judge_dpo_vs_placebo"))]
     langs = [l for l in data.LANGS if l != "en" and l in tests]
     per_lang = [(tests[l]["emt"]["diff"], tests[l]["emt"]["p"]) for l in langs]
-    lower = sum(1 for d, p in per_lang if d < 0 and p < ALPHA)
-    higher = sum(1 for d, p in per_lang if d > 0 and p < ALPHA)
+    lower = sum(1 for d, p in per_lang if verdict(d, p, -1) == "supported")
+    higher = sum(1 for d, p in per_lang if verdict(d, p, +1) == "supported")
     rows.append(claim_row("... in every one of them", "EMT change per language, judge, p < 0.05",
                           f"{lower} of {len(langs)} lower, {higher} higher", None, verdict_all(per_lang, -1)))
     seeds = seed_runs(r)
     per_seed = [(_pooled(r, f"judge_{run}")["diff"], _pooled(r, f"judge_{run}")["p"]) for run in seeds]
-    diffs = [d for d, _ in per_seed]
     rows.append(claim_row("... whatever the DPO seed", f"pooled non-English EMT change in each of {len(seeds)} "
                           "seed(s)" + (" (needs 2+)" if len(seeds) < 2 else ""),
-                          f"{min(diffs):+.3f} to {max(diffs):+.3f}", None,
+                          value_range([d for d, _ in per_seed]), None,
                           verdict_all(per_seed, -1) if len(seeds) > 1 else "not run"))
     return rows
 
@@ -483,7 +496,7 @@ def retrieval_claim(r):
         return claim_row(claim, "the correlation stage has not run, or had too few languages", "", None, "not run")
     return claim_row(claim, f"Pearson r, {primary['retrieval_metric']} vs {primary['transfer']} (sign: + = better "
                      f"retrieval, more detox), {primary['n']} languages; {r['correlation']['n_variants']} variants "
-                     "computed", f"{primary['signed_r']:+.3f}", primary["pearson"]["p"],
+                     "computed", signed(primary['signed_r']), primary["pearson"]["p"],
                      verdict(primary["signed_r"], primary["pearson"]["p"], +1))
 
 
@@ -498,14 +511,14 @@ def vector_claims(base):
                           ("multiscript", "... in many languages (tokens of 2+ scripts)")):
         b = base[metric]
         rows.append(claim_row(claim + ", more than random value vectors",
-                              f"{metric}: kept - random (same layers), permutation", f"{b['diff']:+.3f}", b["p"],
+                              f"{metric}: kept - random (same layers), permutation", signed(b['diff']), b["p"],
                               verdict(b["diff"], b["p"], +1)))
     return rows
 
 
 def activation_claim(act):
     tests = [(v["kept_minus_random"]["diff"], v["kept_minus_random"]["p"]) for v in act["per_language"].values()]
-    lower = sum(1 for d, p in tests if d < 0 and p < ALPHA)
+    lower = sum(1 for d, p in tests if verdict(d, p, -1) == "supported")
     return claim_row("DPO lowers their activations in every language, more than random neurons'",
                      "per language: (kept change) - (random sets' change), paired bootstrap on prompts",
                      f"{lower} of {len(tests)} languages lower", None, verdict_all(tests, -1))
@@ -517,7 +530,7 @@ def intervention_claims(iv):
         return []
     o = min(negative, key=float)
     shifts = [(v["diff"], v["p"]) for v in iv["change_vs_zero"][o].values()]
-    lower = sum(1 for d, p in shifts if d < 0 and p < ALPHA)
+    lower = sum(1 for d, p in shifts if verdict(d, p, -1) == "supported")
     return [claim_row("lowering them lowers toxicity in every language",
                       f"toxicity at offset {float(o):g} - offset 0, {iv['scorer']}, paired on prompts",
                       f"{lower} of {len(shifts)} languages lower", None, verdict_all(shifts, -1))]
@@ -577,8 +590,8 @@ def runs_table(r):
         row = [run]
         for scorer in SCORERS:
             t = r["eval"][f"{scorer}_{run}"]["tests"]
-            row += [f"{t['pooled']['emt']['diff']:+.3f} {fmt_ci(t['pooled']['emt']['diff_ci'])} "
-                    f"(p {format_p(t['pooled']['emt']['p'])})", f"{t['en']['emt']['diff']:+.3f}"]
+            row += [f"{signed(t['pooled']['emt']['diff'])} {fmt_ci(t['pooled']['emt']['diff_ci'])} "
+                    f"(p {format_p(t['pooled']['emt']['p'])})", signed(t['en']['emt']['diff'])]
         valid = [m for m in r["dpo"][run] if m.get("split") == "valid"]
         row.append(f"{fmt(valid[0]['reward_accuracy'], 2)} -> {fmt(valid[-1]['reward_accuracy'], 2)}" if valid
                    else "n/a")
@@ -593,10 +606,10 @@ def seed_spread(r):
     seeds = seed_runs(r)
     lines = []
     for scorer in SCORERS:
-        values = [r["eval"][f"{scorer}_{run}"]["tests"]["pooled"]["emt"]["diff"] for run in seeds]
-        mean = sum(values) / len(values)
+        values = finite([r["eval"][f"{scorer}_{run}"]["tests"]["pooled"]["emt"]["diff"] for run in seeds])
+        mean = sum(values) / len(values) if values else float("nan")
         sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else float("nan")
-        lines.append(f"{scorer}: mean {mean:+.3f}, SD {fmt(sd)}, range {min(values):+.3f} to {max(values):+.3f}")
+        lines.append(f"{scorer}: mean {signed(mean)}, SD {fmt(sd)}, range {value_range(values)}")
     return f"Across {len(seeds)} seeds, pooled non-English EMT change: " + "; ".join(lines) + "."
 
 
@@ -661,15 +674,15 @@ def mechanism_section(r):
              f"the model writes English (selected on {len(pr['vectors']['selection']['indices'])} training prompts).",
              ""]
     rows = [[m, fmt(b["kept_mean"]), fmt_ci(b["kept_ci"]), fmt(b["random_mean"]), fmt_ci(b["random_ci"]),
-             f"{b['diff']:+.3f}", format_p(b["p"])] for m, b in base.items()]
+             signed(b['diff']), format_p(b["p"])] for m, b in base.items()]
     lines += [markdown_table(["per vector", "kept", "95% CI", "random (same layers)", "95% CI", "difference", "p"],
                              rows), ""]
     rows = []
     for lang, v in act["per_language"].items():
         rows.append([lang, v["n_prompts"], f"{fmt(v['before']['mean'], 4)} -> {fmt(v['after']['mean'], 4)}",
-                     f"{v['change']['diff']:+.4f} {fmt_ci(v['change']['ci'], 4)}",
-                     f"{v['random']['mean_change']:+.4f} (SD {fmt(v['random']['sd_change'], 4)})",
-                     f"{v['kept_minus_random']['diff']:+.4f} {fmt_ci(v['kept_minus_random']['ci'], 4)}",
+                     f"{signed(v['change']['diff'], 4)} {fmt_ci(v['change']['ci'], 4)}",
+                     f"{signed(v['random']['mean_change'], 4)} (SD {fmt(v['random']['sd_change'], 4)})",
+                     f"{signed(v['kept_minus_random']['diff'], 4)} {fmt_ci(v['kept_minus_random']['ci'], 4)}",
                      format_p(v["kept_minus_random"]["p"])])
     lines += ["Mean activation of the kept neurons on the held-out evaluation prompts (greedy continuation), "
               f"base -> DPO, against {act['random_sets']} random neuron sets of the same layers and sizes:", "",
@@ -692,9 +705,9 @@ def retrieval_section(r):
         return ["## Bilingual retrieval and transfer", "", "Not run yet: the correlate stage.", ""]
     rows = []
     for res in c["results"]:
-        rows.append([res["retrieval_metric"], res["transfer"], res["n"], f"{res['pearson']['r']:+.3f}",
-                     format_p(res["pearson"]["p"]), f"{res['spearman']['r']:+.3f}", format_p(res["spearman"]["p"]),
-                     f"{res['partial_pearson']['r']:+.3f}" if res.get("partial_pearson") else "n/a"])
+        rows.append([res["retrieval_metric"], res["transfer"], res["n"], signed(res['pearson']['r']),
+                     format_p(res["pearson"]["p"]), signed(res['spearman']['r']), format_p(res["spearman"]["p"]),
+                     signed(res['partial_pearson']['r']) if res.get("partial_pearson") else "n/a"])
     return ["## Bilingual retrieval and transfer", "",
             f"{c['sign_convention']} All {c['n_variants']} variants computed are shown; the claims table uses "
             f"one declared before the run ({PRIMARY_RETRIEVAL[0]} vs {PRIMARY_RETRIEVAL[1]}). The partial "
@@ -774,8 +787,8 @@ def lora_section(r):
         m = r["margins"][run]
         en_margin = m["en"]["mean_margin"] if "en" in m else float("nan")
         others = [v["mean_margin"] for l, v in m.items() if l in data.LANGS and l != "en"]
-        rows.append([run, r["dpo_config"][run]["lr"], f"{t['en']['emt']['diff']:+.3f}",
-                     f"{t['pooled']['emt']['diff']:+.3f} {fmt_ci(t['pooled']['emt']['diff_ci'])}",
+        rows.append([run, r["dpo_config"][run]["lr"], signed(t['en']['emt']['diff']),
+                     f"{signed(t['pooled']['emt']['diff'])} {fmt_ci(t['pooled']['emt']['diff_ci'])}",
                      fmt(en_margin), fmt(sum(others) / len(others) / en_margin if others else float("nan"), 2)])
     return ["## Full fine-tuning vs LoRA (the paper's Appendix D)", "",
             markdown_table(["run", "lr", "EMT change en", "EMT change pooled non-en", "held-out margin en",

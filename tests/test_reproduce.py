@@ -92,6 +92,14 @@ def test_claims_verdicts_follow_the_numbers(smoke_run):
     assert sum(a != b for a, b in zip(verdicts, flipped)) >= len(verdicts) // 2
 
 
+@pytest.mark.slow
+def test_report_renders_when_no_effect_is_finite(smoke_run):
+    """A language with no toxic sample before DPO has no EMT change; a run where none has one still reports."""
+    results = set_all(reproduce.collect(smoke_run), "diff", lambda d: None)
+    text = reproduce.render_report(results)
+    assert "## The paper's claims, tested here" in text and "n/a" in text
+
+
 def test_verdict_rules():
     assert reproduce.verdict(-0.1, 0.01, -1) == "supported"
     assert reproduce.verdict(0.1, 0.01, -1) == "not supported"
