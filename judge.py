@@ -47,7 +47,7 @@ from tqdm import tqdm
 from checkpoint import DEFAULT_MODEL, read_safetensors, write_safetensors
 from data import DATA_DIR, LANGS, default_split, iter_jsonl, load_rtplx, rtplx_pairs
 from loading import load_model
-from report import exit_on_error, markdown_table, write_json, write_text
+from report import atomic_write, exit_on_error, markdown_table, write_json, write_text
 from stats import auc_ci, roc_auc
 
 ROOT = Path(__file__).resolve().parent
@@ -241,9 +241,7 @@ def cached_features(model, tokenizer, texts, name, chunk=256):
                                       progress=f"{name} chunk {k + 1}/{len(chunks)}")
             arr = np.stack([np.stack([feats[(layer, p)].numpy() for p in ("mean", "last")])
                             for layer in range(n_layers)]).astype(np.float16)
-            tmp = path.with_suffix(".tmp.npy")
-            np.save(tmp, arr)
-            tmp.rename(path)
+            atomic_write(path, lambda f: np.save(f, arr))
             n_tokens += sum(min(len(x), MAX_TOKENS) for x in tokenizer.encode_batch(chunk_texts))
             print(f"{name}: chunk {k + 1}/{len(chunks)} done, {n_tokens / (time.time() - t0):.0f} tok/s",
                   flush=True)
