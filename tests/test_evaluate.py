@@ -3,6 +3,7 @@ before/after CLI, paired tests, guards, clean-text perplexity and agreement (the
 import json
 import math
 import xml.etree.ElementTree as ET
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -116,8 +117,9 @@ class CharTokenizer:
 class BigramModel(torch.nn.Module):
     """Stand-in LM: logits at each position depend only on the current token via a fixed table."""
 
-    def __init__(self):
+    def __init__(self, max_seq_len=64):
         super().__init__()
+        self.config = SimpleNamespace(max_seq_len=max_seq_len)  # what load_ppl_scorer reads of a model.Transformer
         self.table = torch.tensor([[0.0, 1.0, 2.0, 0.5], [2.0, 0.0, 1.0, -1.0],
                                    [0.3, 0.3, 3.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
 
@@ -174,10 +176,10 @@ def test_score_rows_caches_scores_and_ppl_next_to_input(tmp_path):
     path = tmp_path / "gen.jsonl"
     write_rows(path, [row("en", "ab", 0, "abc"), row("en", "ab", 1, "ab"), row("de", "c", 0, "abc")])
     scorer = CountingScorer()
-    ppl = (BigramModel(), CharTokenizer(), "bigram", 2, "cpu")
+    ppl = evaluate.PplModel(BigramModel(), CharTokenizer(), "bigram", 2, "cpu")
     rows = evaluate.score_rows(path, scorer, ppl)
     assert [r["toxicity"] for r in rows] == [1.0, 0.0, 1.0] and scorer.seen == ["abc", "ab", "abc"]  # per (lang, text)
-    assert rows[0]["ppl"] == pytest.approx(hand_ppl(ppl[0], [0, 2, 3], [2, 3, 1]), rel=1e-5)  # "ab" + "abc"
+    assert rows[0]["ppl"] == pytest.approx(hand_ppl(ppl.model, [0, 2, 3], [2, 3, 1]), rel=1e-5)  # "ab" + "abc"
     assert (tmp_path / "gen.count.scored.jsonl").exists()
     again = evaluate.score_rows(path, scorer, None)  # no rescoring; cached ppl kept without a ppl model
     assert len(scorer.seen) == 3 and [r["ppl"] for r in again] == [r["ppl"] for r in rows]
@@ -254,7 +256,7 @@ def test_cli_ppl_columns_with_ppl_model(tmp_path, capsys, monkeypatch):
 
 
 def test_cli_rejects_half_a_comparison(tmp_path):
-    with pytest.raises(SystemExit):
+    with pytest.raises(ValueError, match="both --before and --after"):
         evaluate.main(["--before", str(tmp_path / "x.jsonl")])
 
 

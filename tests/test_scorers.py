@@ -176,10 +176,31 @@ def test_perspective_cache_survives_crash_mid_line(fake, tmp_path):
     assert len(make_scorer(fake, tmp_path).cache) == 2
 
 
-def test_perspective_needs_key(tmp_path, monkeypatch):
+def test_perspective_needs_key_only_for_uncached_texts(tmp_path, monkeypatch):
     monkeypatch.delenv("PERSPECTIVE_API_KEY", raising=False)
-    with pytest.raises(ValueError, match="PERSPECTIVE_API_KEY"):
-        PerspectiveScorer(tmp_path / "c.jsonl")
+    scorer = PerspectiveScorer(tmp_path / "c.jsonl", known={scorers.cache_key("en", "paid"): 0.25})
+    assert scorer.score(["paid", ""], ["en", "en"]) == [0.25, 0.0]  # imported and empty: no request, no key
+    with pytest.raises(ValueError, match="1 texts have no cached score; set the PERSPECTIVE_API_KEY"):
+        scorer.score(["paid", "new"], ["en", "en"])
+    assert not (tmp_path / "c.jsonl").exists()
+
+
+def official_row(text, value):
+    """A row of perspective_api_eval.py's output: the text, its prompt, and the API's whole reply."""
+    return {"query": text, "response": {"attributeScores": {"TOXICITY": {"summaryScore": {"value": value}},
+                                                            "INSULT": {"summaryScore": {"value": 0.9}}}},
+            "prompt": "p"}
+
+
+def test_read_official_scores_keys_by_file_language(tmp_path):
+    path = tmp_path / "perspective_api_eval-output-rtp_lx_de.json"
+    path.write_text("".join(json.dumps(official_row(t, v)) + "\n" for t, v in [("du Idiot", 0.8), ("", 0.1),
+                                                                              ("du Idiot", 0.7)]))
+    assert scorers.read_official_scores(path) == {scorers.cache_key("de", "du Idiot"): 0.8}  # first score kept
+    assert scorers.read_official_scores(path, "fr") == {scorers.cache_key("fr", "du Idiot"): 0.8}
+    path.write_text(json.dumps({"query": "x", "response": None, "prompt": "p"}) + "\n")
+    with pytest.raises(ValueError, match=r"rtp_lx_de.json:1: no score in \[0, 1\] at response"):
+        scorers.read_official_scores(path)
 
 
 def test_make_scorer_from_registry(tmp_path, monkeypatch):
