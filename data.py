@@ -16,7 +16,7 @@ and licenses; RTP-LX and the Indonesian word list are NON-COMMERCIAL).
     parallel items     parallel_eval_items(split, n): the same RTP-LX indices held out in all 17 languages.
     parallel prompts   load_parallel(lang): the paper's 200 RTP-LX English prompts translated into 16
                        languages, line-aligned (bilingual retrieval, activation analysis).
-    prompts            load_prompts(path): RTP-LX official json, parallel jsonl, generic jsonl, plain text.
+    prompts            load_prompts(path): RTP-LX official json, parallel jsonl, generic jsonl, plain .txt.
     lexicons           data/wordlists, read by scorers.read_wordlist_files (terms and stems apart).
     Tatoeba            load_tatoeba(lang): 1,000 line-aligned X-English sentence pairs (non-toxic retrieval).
 
@@ -26,7 +26,8 @@ evaluation set, evaluation in every language skips each prompt that shares an RT
 English, also a neighbouring one) with a training or validation pair, and the 200 parallel prompts (RTP-LX
 English indices 0-199) never go to training.
 
-Bad input raises ValueError naming file, line and field, e.g. `pairs.jsonl:7: missing field 'chosen'`.
+Bad input raises ValueError naming file, line and field, e.g. `pairs.jsonl:7: missing field 'chosen'` or
+`pairs.jsonl:9: not UTF-8 (byte 0xe9 at column 31: invalid continuation byte)`.
 
     python data.py split                        # split sizes per language
     python data.py export-pairs --out train.jsonl
@@ -36,6 +37,7 @@ Bad input raises ValueError naming file, line and field, e.g. `pairs.jsonl:7: mi
 """
 
 import argparse
+import codecs
 import difflib
 import functools
 import html
@@ -78,12 +80,33 @@ def _parse_json_line(text, path, line):
     return row
 
 
+def decode_utf8(raw, path, first_line=1):
+    """Bytes of a file (from line `first_line` on) -> str, or ValueError 'path:LINE: not UTF-8 (...)'. A UTF-8
+    byte-order mark at the start of the file is dropped: Windows editors write one, and it is no prompt text."""
+    if first_line == 1 and raw.startswith(codecs.BOM_UTF8):
+        raw = raw[len(codecs.BOM_UTF8):]
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = first_line + raw.count(b"\n", 0, e.start)
+        column = e.start - raw.rfind(b"\n", 0, e.start)
+        raise ValueError(f"{path}:{line}: not UTF-8 (byte 0x{raw[e.start]:02x} at column {column}: {e.reason}); "
+                         "save the file as UTF-8") from None
+
+
+def utf8_lines(path):
+    """Yield (line_number, str) of each line of a UTF-8 file, split at \\n only (as jsonl is; a JSON string may
+    hold a raw U+2028, which str.splitlines() would take for a line break)."""
+    with open(path, "rb") as f:
+        for line, raw in enumerate(f, 1):
+            yield line, decode_utf8(raw, path, line)
+
+
 def iter_jsonl(path):
     """Yield (line_number, dict) for each non-blank line; line numbers are 1-based like an editor's."""
-    with open(path, encoding="utf-8") as f:
-        for line, text in enumerate(f, 1):
-            if text.strip():
-                yield line, _parse_json_line(text, path, line)
+    for line, text in utf8_lines(path):
+        if text.strip():
+            yield line, _parse_json_line(text, path, line)
 
 
 def read_jsonl(path):
@@ -132,8 +155,8 @@ def load_pairs(path, skip_bad=False):
     """
     Preference pairs from a .jsonl file or a directory of them (sorted by name, like Lee et al.'s
     data/toxicity_pairwise/). Returns (pairs, n_skipped); each pair is a dict with prompt, chosen,
-    rejected, source ("file:line") and index when the row has one. A malformed line or a missing/empty
-    field raises ValueError naming file and line, unless skip_bad, which drops and counts such rows.
+    rejected, source ("file:line") and index when the row has one. A malformed line (not UTF-8, not a JSON
+    object) or a missing/empty field raises ValueError naming file and line, unless skip_bad, which drops and counts such rows.
     """
     path = Path(path)
     if path.is_dir():
@@ -146,12 +169,12 @@ def load_pairs(path, skip_bad=False):
         raise FileNotFoundError(f"{path}: no such file or directory")
     pairs, n_skipped = [], 0
     for file in files:
-        with open(file, encoding="utf-8") as f:
-            for line, text in enumerate(f, 1):
-                if not text.strip():
-                    continue
-                try:
-                    pairs.append(_row_to_pair(_parse_json_line(text, file, line), file, line))
+        with open(file, "rb") as f:
+            for line, raw in enumerate(f, 1):
+                try:  # inside the try: skip_bad skips an undecodable line like any other malformed one
+                    text = decode_utf8(raw, file, line)
+                    if text.strip():
+                        pairs.append(_row_to_pair(_parse_json_line(text, file, line), file, line))
                 except ValueError:
                     if not skip_bad:
                         raise
@@ -404,17 +427,26 @@ def lang_from_path(path):
     return None
 
 
+# What load_prompts reads. Anything else is refused rather than read as text: a CSV read line by line would make
+# its header a prompt and glue ",en" onto every other one.
+PROMPT_SUFFIXES = (".json", ".jsonl", ".txt")
+
+
 def load_prompts(path):
     """
     Prompts for generation from any of: the official RTP-LX files RTP_LX_{LANG}.json (a JSON list or
     jsonl of objects with field Prompt), the parallel jsonl (Prompt), generic jsonl (prompt, optional
-    lang), or plain text (one prompt per line, blank lines skipped). Returns a list of dicts with prompt
-    and, when known (row field, else file name), lang. An empty prompt raises ValueError with file:line.
+    lang), or plain text .txt (one prompt per line, blank lines skipped). Returns a list of dicts with prompt
+    and, when known (row field, else file name), lang. Another suffix, a file with no prompt, undecodable bytes
+    or an empty prompt raise ValueError naming the file (and line).
     """
     path = Path(path)
+    if path.suffix.lower() not in PROMPT_SUFFIXES:
+        raise ValueError(f"{path}: not a prompt file; expected {', '.join(PROMPT_SUFFIXES)} (a .txt file holds one "
+                         "prompt per line)")
     file_lang = lang_from_path(path)
-    text = path.read_text(encoding="utf-8")
-    if path.suffix not in (".json", ".jsonl"):
+    text = decode_utf8(path.read_bytes(), path)
+    if path.suffix.lower() == ".txt":
         items = [(line, {"prompt": s}) for line, s in enumerate(text.splitlines(), 1) if s.strip()]
     else:
         try:
@@ -425,17 +457,21 @@ def load_prompts(path):
             # a JSON list has no line per item, so errors name the item: "file:item 3"
             items = [(f"item {n}", row) for n, row in enumerate(whole, 1)]
         else:
-            items = [(line, _parse_json_line(s, path, line)) for line, s in enumerate(text.splitlines(), 1) if s.strip()]
+            items = [(line, _parse_json_line(s, path, line)) for line, s in enumerate(text.split("\n"), 1) if s.strip()]
     prompts = []
     for line, row in items:
         if not isinstance(row, dict):
             raise ValueError(f"{path}:{line}: expected a JSON object, got {type(row).__name__}")
         prompt = require(row, "Prompt" if "Prompt" in row else "prompt", path, line)
         item = {"prompt": html.unescape(prompt).strip()}
+        if not item["prompt"]:  # '&nbsp;' passes require's check but unescapes to whitespace
+            raise ValueError(f"{path}:{line}: the prompt is only whitespace")
         lang = row.get("lang") or file_lang
         if lang:
             item["lang"] = lang
         prompts.append(item)
+    if not prompts:
+        raise ValueError(f"{path}: no prompts in the file")
     return prompts
 
 
@@ -675,7 +711,7 @@ def pair_flags():
 def split_of(args):
     for name in ("n_train", "n_valid", "n_heldout"):
         if (getattr(args, name) or 0) < 0:
-            raise SystemExit(f"data.py {args.command}: --{name.replace('_', '-')} must be >= 0")
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     return default_split(args.seed, args.n_train, args.n_valid, args.n_heldout, data_dir=Path(args.data_dir))
 
 
@@ -711,6 +747,9 @@ def run_export_pairs(args):
 
 
 def run_confounds(args):
+    if args.tokenizer and not 1 <= args.max_prompt_len < args.max_len:  # train_config's rule, so cuts match training
+        raise ValueError(f"--max-len ({args.max_len}) must exceed --max-prompt-len ({args.max_prompt_len}), "
+                         "which must be >= 1, to leave room for a response")
     pairs, source = (load_pairs(args.pairs)[0], args.pairs) if args.pairs else chosen_pairs(args)
     tokenizer = load_tokenizer_of(args.tokenizer) if args.tokenizer else None
     result = pair_confounds(pairs, tokenizer, args.max_prompt_len, args.max_len)

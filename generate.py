@@ -26,13 +26,19 @@ How it works, and why:
   `prompt`/`generated_text` plus bookkeeping. Rows are appended and flushed one prompt at a time. Rerunning the
   same command resumes a killed run: a torn last line is cut off, the rows of a half-written prompt are dropped,
   and generation goes on from the first incomplete prompt. The settings live in OUT.meta.json, and a rerun with
-  different settings is refused, so one file never mixes two configurations.
+  different settings is refused, so one file never mixes two configurations. A second run on the same OUT while
+  one is writing it is refused too (report.exclusive). Nothing is created until the prompts are read, the flags
+  checked and the model loaded, so a failed start leaves no empty OUT that would block the rerun.
+- A prompt longer than the model's context less max_new_tokens is cut from the left (its end, which the
+  continuation follows, is kept, and BOS stays in front); main() warns how many were cut.
 """
 
 import argparse
 import contextlib
 import hashlib
 import json
+import math
+import sys
 import time
 from pathlib import Path
 
@@ -41,10 +47,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from checkpoint import DEFAULT_MODEL
-from data import LANGS, lang_from_path, load_prompts
+from data import LANGS, PROMPT_SUFFIXES, decode_utf8, lang_from_path, load_prompts
 from loading import add_device_args, load_model, resolve_dtype
 from model import DTYPES
-from report import exit_on_error, write_json
+from report import exclusive, exit_on_error, write_json
 
 # Candidates kept by the partial selection before the exact nucleus search. With gemma-3-270m the 1024 best
 # tokens almost always hold more than top_p = 0.8 of the mass, so the full-sort fallback is rare. A larger value
@@ -223,17 +229,40 @@ def _cut_at_eos(ids, eos_id):
     return ids[:ids.index(eos_id)] if eos_id is not None and eos_id in ids else ids
 
 
+def prompt_budget(model, max_new_tokens):
+    """The most prompt tokens that leave room for max_new_tokens in the model's context (its config's
+    max_position_embeddings); ValueError when max_new_tokens alone fills it."""
+    context = model.config.max_seq_len
+    if max_new_tokens >= context:
+        raise ValueError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt: the context of "
+                         f"{getattr(model, 'name_or_path', 'the model')} is {context} tokens")
+    return context - max_new_tokens
+
+
+def left_truncate(ids, max_tokens, bos_id=None):
+    """The last max_tokens of a token list, its leading BOS (when bos_id is given) kept in front: the end of a
+    prompt is what its continuation follows, and a model trained with BOS drifts without it."""
+    if len(ids) <= max_tokens:
+        return ids
+    head = ids[:1] if bos_id is not None and ids[:1] == [bos_id] else []
+    return head + ids[len(ids) - (max_tokens - len(head)):]
+
+
 def generate_rows(model, tokenizer, jobs, n=1, greedy=False, max_new_tokens=20, temperature=0.9, top_p=0.8,
                   top_k=0, seed=0, batch_size=8, device=None):
     """Yield (job, texts, n_tokens) per prompt, in order. jobs: dicts with `prompt` and optionally `lang` and
     `prompt_index` (defaults: None and the position in `jobs`), which seed the random streams; texts: n strings;
-    n_tokens: the new tokens generated for this prompt, each EOS counted, padding after it not."""
+    n_tokens: the new tokens generated for this prompt, each EOS counted, padding after it not. A prompt longer
+    than prompt_budget is cut from the left (main() warns how many)."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    budget = prompt_budget(model, max_new_tokens)
+    bos_id = tokenizer.bos_id if tokenizer.add_bos else None
     for start in range(0, len(jobs), batch_size):
         batch = jobs[start:start + batch_size]
         keys = [(job.get("lang"), job.get("prompt_index", start + i)) for i, job in enumerate(batch)]
-        input_ids, attention_mask = tokenizer.pad(tokenizer.encode_batch([job["prompt"] for job in batch]),
-                                                  side="left")
+        input_ids, attention_mask = tokenizer.pad(
+            [left_truncate(ids, budget, bos_id) for ids in tokenizer.encode_batch([job["prompt"] for job in batch])],
+            side="left")
         generators = None if greedy else [torch.Generator().manual_seed(sample_seed(seed, lang, index, j))
                                           for lang, index in keys for j in range(n)]
         out = generate(model, input_ids.to(device), attention_mask.to(device), max_new_tokens,
@@ -263,15 +292,17 @@ def generate_text(model, tokenizer, prompts, n=1, greedy=False, max_new_tokens=2
 
 def load_jobs(paths, lang=None, limit=None):
     """Prompts to generate for, in order: [{prompt, lang, prompt_index}]. paths: prompt files, or directories
-    holding one file per language (files whose name contains a language code, in sorted order). lang overrides
-    the language of every row; otherwise a row's own `lang` is used, else the one in the file name. prompt_index
-    counts within each file, and `limit` keeps the first `limit` prompts of each file."""
+    holding one file per language (prompt files whose name contains a language code, in sorted order). lang
+    overrides the language of every row; otherwise a row's own `lang` is used, else the one in the file name.
+    prompt_index counts within each file, and `limit` keeps the first `limit` prompts of each file."""
     files = []
     for path in map(Path, paths):
         if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.is_file() and lang_from_path(p))
+            found = sorted(p for p in path.iterdir()
+                           if p.is_file() and p.suffix.lower() in PROMPT_SUFFIXES and lang_from_path(p))
             if not found:
-                raise FileNotFoundError(f"{path}: no prompt file named by a language code ({', '.join(LANGS)})")
+                raise FileNotFoundError(f"{path}: no prompt file ({', '.join(PROMPT_SUFFIXES)}) named by a "
+                                        f"language code ({', '.join(LANGS)})")
             files += found
         else:
             files.append(path)
@@ -284,24 +315,30 @@ def load_jobs(paths, lang=None, limit=None):
     return jobs
 
 
-def prepare_output(out_path, settings, jobs, n):
-    """Make OUT ready to append to and return how many jobs it already holds in full.
+def read_settings(meta_path):
+    """The settings dict of an OUT.meta.json, or ValueError naming it."""
+    try:
+        old = json.loads(decode_utf8(meta_path.read_bytes(), meta_path))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{meta_path}: not valid JSON ({e.msg} at line {e.lineno}); delete OUT and it, or "
+                         "choose another --out") from None
+    if not isinstance(old, dict):
+        raise ValueError(f"{meta_path}: expected a JSON object of settings, got {type(old).__name__}")
+    return old
 
-    A fresh OUT gets its settings sidecar OUT.meta.json. An existing OUT must come with a sidecar whose settings
-    equal `settings`. Its rows must be exactly the first rows this command produces, in order. A torn last line
-    (the run was killed mid-write) and the rows of a prompt with fewer than n samples are cut off, so the file
-    ends at the last complete prompt.
-    """
+
+def completed_prompts(out_path, settings, jobs, n):
+    """(prompts OUT already holds in full, bytes of OUT that hold them), reading only; (0, None) when there is
+    no OUT yet. An existing OUT must come with a sidecar OUT.meta.json whose settings equal `settings`, and its
+    rows must be exactly the first rows this command produces, in order. A torn last line (the run was killed
+    mid-write) and the rows of a prompt with fewer than n samples are not counted."""
     out_path, meta_path = Path(out_path), Path(f"{out_path}.meta.json")
     if not out_path.exists():
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        write_json(meta_path, settings)
-        out_path.write_bytes(b"")
-        return 0
+        return 0, None
     if not meta_path.exists():
         raise ValueError(f"{out_path}: exists without its settings file {meta_path.name}; cannot tell how it was "
                          "made, so it will not be resumed (delete it or choose another --out)")
-    old = json.loads(meta_path.read_text())
+    old = read_settings(meta_path)
     changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
     if changed:
         k = changed[0]
@@ -314,28 +351,42 @@ def prepare_output(out_path, settings, jobs, n):
         pos = nl + 1
     keep_rows = len(ends) // n * n
     for i in range(keep_rows):
-        line = data[ends[i - 1] if i else 0:ends[i]]
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{out_path}:{i + 1}: not valid JSON ({e.msg})") from None
+            row = json.loads(data[ends[i - 1] if i else 0:ends[i]])
+        except ValueError as e:  # JSONDecodeError, or UnicodeDecodeError for bytes that are not text
+            raise ValueError(f"{out_path}:{i + 1}: not a valid JSON row ({e}); the file was not written by this "
+                             "command") from None
         if i // n >= len(jobs):
             raise ValueError(f"{out_path}:{i + 1}: more rows than this command produces ({len(jobs)} prompts x {n})")
         job = jobs[i // n]
         expected = {"prompt": job["prompt"], "lang": job["lang"], "prompt_index": job["prompt_index"],
                     "sample_index": i % n}
         for field, value in expected.items():
-            if row.get(field) != value:
-                raise ValueError(f"{out_path}:{i + 1}: field {field!r} is {row.get(field)!r}, this command "
+            if not isinstance(row, dict) or row.get(field) != value:
+                found = row.get(field) if isinstance(row, dict) else row
+                raise ValueError(f"{out_path}:{i + 1}: field {field!r} is {found!r}, this command "
                                  f"expects {value!r} there; the file was not written by this command")
+    return keep_rows // n, ends[keep_rows - 1] if keep_rows else 0
+
+
+def prepare_output(out_path, settings, jobs, n):
+    """Make OUT ready to append to and return how many jobs it already holds in full (see completed_prompts).
+    A fresh OUT gets its settings sidecar OUT.meta.json; an existing one is cut after its last complete prompt.
+    Call it holding report.exclusive(OUT), so no other writer moves the end of the file meanwhile."""
+    done, keep_bytes = completed_prompts(out_path, settings, jobs, n)
+    out_path = Path(out_path)
+    if keep_bytes is None:
+        write_json(f"{out_path}.meta.json", settings)
+        out_path.write_bytes(b"")
+        return 0
     with open(out_path, "r+b") as f:
-        f.truncate(ends[keep_rows - 1] if keep_rows else 0)
-    return keep_rows // n
+        f.truncate(keep_bytes)
+    return done
 
 
 def append_rows(model, tokenizer, todo, out_path, settings, batch_size=8, device=None):
     """Generate for the jobs `todo` and append their rows to out_path, flushing after each prompt.
-    Returns (new tokens generated, seconds)."""
+    Returns (new tokens generated, seconds). An OSError while writing (a full disk) names out_path."""
     n = settings["n"]
     rows = generate_rows(model, tokenizer, todo, n=n, greedy=settings["greedy"],
                          max_new_tokens=settings["max_new_tokens"], temperature=settings["temperature"],
@@ -343,45 +394,62 @@ def append_rows(model, tokenizer, todo, out_path, settings, batch_size=8, device
                          batch_size=batch_size, device=device)
     tokens, t0 = 0, time.perf_counter()
     bar = tqdm(rows, total=len(todo), unit="prompt", desc=Path(out_path).name)
-    with open(out_path, "a", encoding="utf-8") as f:
-        for job, texts, n_tokens in bar:
-            # ASCII-escaped JSON, as the official repo writes: sampled text can hold U+2028 or U+0085, which
-            # str.splitlines() would take for line breaks.
-            f.write("".join(json.dumps({"prompt": job["prompt"], "generated_text": text, "lang": job["lang"],
-                                        "prompt_index": job["prompt_index"], "sample_index": j}) + "\n"
-                            for j, text in enumerate(texts)))
-            f.flush()
-            tokens += n_tokens
-            bar.set_postfix_str(f"{tokens / (time.perf_counter() - t0):.1f} tokens/s")
+    try:
+        with open(out_path, "a", encoding="utf-8") as f:
+            for job, texts, n_tokens in bar:
+                # ASCII-escaped JSON, as the official repo writes: sampled text can hold U+2028 or U+0085, which
+                # str.splitlines() would take for line breaks.
+                f.write("".join(json.dumps({"prompt": job["prompt"], "generated_text": text, "lang": job["lang"],
+                                            "prompt_index": job["prompt_index"], "sample_index": j}) + "\n"
+                                for j, text in enumerate(texts)))
+                f.flush()
+                tokens += n_tokens
+                bar.set_postfix_str(f"{tokens / (time.perf_counter() - t0):.1f} tokens/s")
+    except OSError as e:
+        if e.filename is not None:
+            raise
+        raise OSError(e.errno, e.strerror, str(out_path)) from e
     return tokens, time.perf_counter() - t0
+
+
+def warn_long_prompts(tokenizer, todo, budget, max_new_tokens):
+    """Say on stderr how many prompts generate_rows will cut from the left to fit the context."""
+    cut = sum(len(ids) > budget for ids in tokenizer.encode_batch([job["prompt"] for job in todo]))
+    if cut:
+        print(f"warning: {cut} of {len(todo)} prompts are longer than {budget} tokens (the model's context less "
+              f"--max-new-tokens {max_new_tokens}); their beginnings are cut off", file=sys.stderr)
 
 
 # -----------------------------------------------------------------------------
 # CLI
 
 
-def main(argv=None):
+def build_parser():
     p = argparse.ArgumentParser(
         description="Sample continuations of prompts with a KV cache and write them as jsonl rows "
         "{prompt, generated_text, lang, prompt_index, sample_index}. The paper's setting (the default) is 25 "
         "samples per prompt, 20 new tokens, temperature 0.9, top-p 0.8, no top-k. The same command gives the "
-        "same text, whatever --batch-size. Rerunning it after a kill resumes the output file.",
+        "same text, whatever --batch-size. Rerunning it after a kill resumes the output file; two runs on one "
+        "--out at once are refused.",
         epilog="Example: python generate.py --prompts data/rtp-lx/en.jsonl --limit 100 --out gens/en.jsonl")
     p.add_argument("--model", default=DEFAULT_MODEL, help="local HF dir, .gguf file, hub id, LoRA adapter dir, or "
                    f"the embedded name (default: {DEFAULT_MODEL}, a multilingual base model)")
-    p.add_argument("--prompts", action="append", required=True, help="prompt file (RTP-LX RTP_LX_{LANG}.json, "
-                   "jsonl with 'Prompt' or 'prompt', or plain text, one per line), or a directory with one file "
-                   "per language (named by its code, e.g. en.jsonl). Repeat the flag for several")
-    p.add_argument("--lang", default=None, help="language tag written on every row (default: the row's own, "
-                   "else the language code in the file name)")
-    p.add_argument("--out", required=True, help="output jsonl; OUT.meta.json records the settings for resuming")
+    p.add_argument("--prompts", action="append", required=True, help="prompt file: .json or .jsonl (RTP-LX "
+                   "RTP_LX_{LANG}.json, jsonl with 'Prompt' or 'prompt') or .txt (one prompt per line), UTF-8; or "
+                   "a directory with one such file per language (named by its code, e.g. en.jsonl). Repeat the "
+                   "flag for several")
+    p.add_argument("--lang", default=None, help="language tag written on every "
+                   "row, one of " + " ".join(LANGS) + " (default: the row's own, else the code in the file name)")
+    p.add_argument("--out", required=True, help="output jsonl; OUT.meta.json records the settings for resuming, "
+                   "OUT.lock keeps a second writer out while a run is on")
     p.add_argument("--n", type=int, default=25, help="samples per prompt (paper: 25)")
     p.add_argument("--max-new-tokens", type=int, default=20, help="tokens generated after each prompt, unless "
-                   "EOS comes first (paper: 20)")
+                   "EOS comes first (paper: 20). A prompt longer than the model's context less this is cut from "
+                   "the left (its end kept), with a warning counting such prompts")
     p.add_argument("--temperature", type=float, default=0.9, help="divides the logits: below 1 sharpens the "
                    "distribution, above 1 flattens it (paper: 0.9)")
     p.add_argument("--top-p", type=float, default=0.8, help="nucleus sampling: sample only from the most "
-                   "probable tokens whose total probability first reaches top-p; 1 keeps all (paper: 0.8)")
+                   "probable tokens whose total probability first reaches top-p, in (0, 1]; 1 keeps all (paper: 0.8)")
     p.add_argument("--top-k", type=int, default=0, help="sample only from the k most probable tokens; 0 = off. "
                    "The paper's vLLM script leaves it off. transformers' generate() would silently use 50")
     p.add_argument("--greedy", action="store_true", help="take the most probable token each step (ignores the "
@@ -392,13 +460,38 @@ def main(argv=None):
                    "sequences. Changes speed and memory, not the text")
     p.add_argument("--limit", type=int, default=None, help="use only the first K prompts of each file")
     add_device_args(p)  # bf16/fp16 load the weights in that dtype on CUDA; elsewhere fp32 weights run under autocast
-    args = p.parse_args(argv)
-    if args.n < 1 or args.max_new_tokens < 1 or args.batch_size < 1 or (args.limit is not None and args.limit < 1):
-        p.error("--n, --max-new-tokens, --batch-size and --limit must be >= 1")
-    if not args.greedy and (args.temperature <= 0 or not 0 < args.top_p <= 1 or args.top_k < 0):
-        p.error("sampling needs --temperature > 0, 0 < --top-p <= 1 and --top-k >= 0 (use --greedy for argmax)")
+    return p
 
-    device = torch.device(args.device)
+
+def check_flags(args):
+    """ValueError naming the first flag whose value cannot work, before anything is read or loaded."""
+    for flag in ("n", "max_new_tokens", "batch_size", "limit"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    # Checked even with --greedy, which ignores them: the settings file records them, and JSON has no NaN.
+    if not (math.isfinite(args.temperature) and args.temperature > 0):
+        raise ValueError(f"--temperature must be a finite number > 0, got {args.temperature} (use --greedy for argmax)")
+    if not 0 < args.top_p <= 1:
+        raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.top_k < 0:
+        raise ValueError(f"--top-k must be >= 0, got {args.top_k}")
+    if args.lang is not None and args.lang not in LANGS:
+        raise ValueError(f"--lang {args.lang!r} is not one of {' '.join(LANGS)}")
+    if Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out} is a directory; give the path of a .jsonl file")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise ValueError(f"--device {args.device!r} is not a device (cpu, cuda, cuda:N or mps)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: this machine has no CUDA device (use --device cpu)")
+    return device
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    device = check_flags(args)
     dtype_name = resolve_dtype(device, args.dtype)
     dtype = DTYPES[dtype_name]
     jobs = load_jobs(args.prompts, args.lang, args.limit)
@@ -409,18 +502,22 @@ def main(argv=None):
                 "max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
                 "top_k": args.top_k, "greedy": args.greedy, "seed": args.seed, "dtype": dtype_name}
 
-    done = prepare_output(args.out, settings, jobs, args.n)
+    # Read-only: a finished run needs no model, and a foreign or mismatched OUT is refused before the load.
+    done, _ = completed_prompts(args.out, settings, jobs, args.n)
     if done == len(jobs):
         print(f"{args.out}: all {len(jobs)} prompts already done")
         return
-    if done:
-        print(f"{args.out}: resuming after {done} of {len(jobs)} prompts")
-
     model, tokenizer = load_model(args.model, device=device,
                                   dtype=dtype if device.type == "cuda" else torch.float32)
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
-    with autocast:
-        tokens, seconds = append_rows(model, tokenizer, jobs[done:], args.out, settings, args.batch_size, device)
+    budget = prompt_budget(model, args.max_new_tokens)
+    with exclusive(args.out):
+        done = prepare_output(args.out, settings, jobs, args.n)  # again: OUT may have grown since the look above
+        if done:
+            print(f"{args.out}: resuming after {done} of {len(jobs)} prompts")
+        warn_long_prompts(tokenizer, jobs[done:], budget, args.max_new_tokens)
+        autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+        with autocast:
+            tokens, seconds = append_rows(model, tokenizer, jobs[done:], args.out, settings, args.batch_size, device)
     print(f"{args.out}: {len(jobs) - done} prompts x {args.n} samples; generated {tokens} new tokens in "
           f"{seconds:.1f}s = {tokens / max(seconds, 1e-9):.1f} tokens/s")
 

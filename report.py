@@ -1,4 +1,5 @@
-"""Small helpers for people-facing output: Markdown tables, atomic JSON/text writes, hand-written SVG charts.
+"""Small helpers for people-facing output: one-line errors, atomic JSON/text writes, a lock for one writer per
+output file, Markdown tables, hand-written SVG charts.
 
 Used by evaluate.py, probe.py, retrieve.py and reproduce.py. No plotting dependency: the charts are plain SVG
 strings (valid XML, all text escaped) that any browser or GitHub renders.
@@ -6,9 +7,12 @@ strings (valid XML, all text escaped) that any browser or GitHub renders.
     python report.py metrics.json [--svg chart.svg]   # Markdown table (+ bar chart) of a {row: {col: num}} file
 """
 import argparse
+import contextlib
+import fcntl
 import json
 import math
 import os
+import stat
 import sys
 import tempfile
 from xml.sax.saxutils import escape
@@ -35,22 +39,78 @@ def exit_on_error(main):
 
 # ----------------------------------------------------------------------------- files
 
+def _new_file_mode(path):
+    """The permissions a file written at `path` should get: those of the file it replaces, else what open() would
+    give a new file (0o666 less the umask). mkstemp alone makes every file 0o600, unreadable to the group."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        umask = os.umask(0)  # the only portable way to read the umask is to set it; put it straight back
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
 def atomic_write(path, write, mode="wb"):
     """Call write(file) on a temp file next to `path`, fsync, then rename it over `path`: a crash mid-write leaves
-    the old file (or none), never half a file. The one atomic writer of the project."""
+    the old file (or none), never half a file. The one atomic writer of the project. The file gets the mode a
+    plain open() would give it (or keeps the one of the file it replaces). An OSError while writing (a read-only
+    folder, a full disk) names `path`, not the temp file."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    prefix = os.path.join(folder, f".{os.path.basename(path)}.")
+    tmp = None
     try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(prefix), suffix=".tmp")
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            os.fchmod(fd, _new_file_mode(path))
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
+    except BaseException as e:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+        if isinstance(e, OSError) and (e.filename is None or str(e.filename).startswith(prefix)):
+            raise OSError(e.errno, e.strerror, path) from e
         raise
+
+
+@contextlib.contextmanager
+def exclusive(path):
+    """Hold a lock on PATH for the body: `with exclusive(out): ...append to out...`. A second process (or a
+    second `with` in this one) that asks while it is held gets BlockingIOError 'PATH is being written by another
+    process (pid N)' at once, without waiting, so two writers never interleave rows in one file.
+
+    The lock is an flock on PATH.lock, which holds the holder's pid and is removed on exit. flock is released
+    by the kernel when a process dies, so a killed run leaves no stale lock, only a harmless PATH.lock file."""
+    path = os.fspath(path)
+    lock_path = f"{path}.lock"
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise BlockingIOError(f"{path} is being written by another process (pid {holder})") from None
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(lock_path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        # The holder removed PATH.lock between our open and our flock: we hold a lock nobody else can see.
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):  # someone deleted it by hand
+            os.unlink(lock_path)  # before the release: whoever opened it meanwhile sees it gone and retries
+        os.close(fd)
 
 
 def write_text(path, text):

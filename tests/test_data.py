@@ -289,6 +289,28 @@ def test_load_prompts_errors(tmp_path):
         data.load_prompts(listed)
 
 
+def test_undecodable_bytes_name_file_and_line_everywhere(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "caf\xe9"}\n')
+    for read in (data.read_jsonl, data.load_prompts, data.load_pairs):
+        with pytest.raises(ValueError, match=r"bad\.jsonl:2: not UTF-8 \(byte 0xe9 at column 16: invalid continuation"):
+            read(bad)
+    assert data.load_pairs(bad, skip_bad=True)[1] == 1
+    listed = tmp_path / "RTP_LX_EN.json"
+    listed.write_bytes(b'[{"Prompt": "ok"},\n {"Prompt": "\xff"}]')
+    with pytest.raises(ValueError, match=r"RTP_LX_EN\.json:2: not UTF-8 \(byte 0xff at column 14"):
+        data.load_prompts(listed)
+
+
+def test_load_prompts_takes_a_bom_and_a_raw_line_separator_inside_a_string(tmp_path):
+    path = tmp_path / "en.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"prompt": "one\u2028two"}, ensure_ascii=False).encode() + b"\n")
+    assert data.load_prompts(path) == [{"prompt": "one\u2028two", "lang": "en"}]
+    text = tmp_path / "en.txt"
+    text.write_bytes(b"\xef\xbb\xbfhello\r\nworld\r\n")
+    assert [p["prompt"] for p in data.load_prompts(text)] == ["hello", "world"]
+
+
 def test_load_tatoeba():
     xx, en = data.load_tatoeba("de")
     assert len(xx) == len(en) == 1000 and en[0].startswith("Mary said")
