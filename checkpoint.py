@@ -80,7 +80,30 @@ def _safetensors_header(path: Path, size: int, f) -> tuple[dict, dict, int]:
         if end > data_len:
             raise ValueError(f"{path}: tensor {name!r} data_offsets end {end} is past the {data_len}-byte data "
                              f"section (file truncated?)")
+    _check_disjoint(path, header)
     return header, metadata, 8 + n
+
+
+def _check_disjoint(path: Path, header: dict) -> None:
+    """Refuse tensors whose bytes overlap, as the reference reader does: two tensors sharing bytes would load
+    as silently aliased (or garbled) weights."""
+    spans = sorted((e["data_offsets"][0], e["data_offsets"][1], name) for name, e in header.items()
+                   if e["data_offsets"][1] > e["data_offsets"][0])
+    for (_, end, name), (begin, _, other) in zip(spans, spans[1:]):
+        if begin < end:
+            raise ValueError(f"{path}: tensors {name!r} and {other!r} overlap (data_offsets {name!r} ends at "
+                             f"{end}, {other!r} begins at {begin})")
+
+
+def check_finite(path, name: str, t: torch.Tensor) -> torch.Tensor:
+    """Refuse a floating tensor holding NaN or inf. No trained weight is non-finite, so such a file is corrupt
+    (or overflowed when cast to a narrower dtype), and every logit computed from it would be NaN: an error
+    now beats a model that silently outputs garbage."""
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        n_bad = int((~torch.isfinite(t)).sum())
+        raise ValueError(f"{path}: tensor {name!r} has {n_bad} non-finite value(s) (NaN/inf) as {t.dtype} "
+                         "(corrupt file, or too large for the dtype asked for)")
+    return t
 
 
 def read_safetensors_metadata(path) -> dict[str, str]:
@@ -147,7 +170,7 @@ BIN_SINGLE, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
 _SHARD_RE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 
 
-def _load_json_object(path: Path) -> dict:
+def load_json_object(path: Path) -> dict:
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -161,7 +184,7 @@ def read_config(model_dir) -> dict:
     path = Path(model_dir) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not found; an HF model directory needs config.json next to its weights")
-    return _load_json_object(path)
+    return load_json_object(path)
 
 
 def _read_torch_bin(path: Path, device="cpu", dtype=None) -> dict[str, torch.Tensor]:
@@ -177,14 +200,19 @@ def _read_torch_bin(path: Path, device="cpu", dtype=None) -> dict[str, torch.Ten
 
 
 def read_hf_weights(model_dir, device="cpu", dtype=None) -> dict[str, torch.Tensor]:
-    """All weights of an HF model directory (single file or sharded; safetensors preferred over .bin)."""
+    """All weights of an HF model directory (single file or sharded; safetensors preferred over .bin), each
+    checked to be finite in the dtype asked for."""
     d = Path(model_dir)
-    layouts = ((SAFE_SINGLE, SAFE_INDEX, read_safetensors), (BIN_SINGLE, BIN_INDEX, _read_torch_bin))
+
+    def checked(read_file):
+        return lambda path, device, dtype: {name: check_finite(path, name, t)
+                                            for name, t in read_file(path, device, dtype).items()}
+    layouts = ((SAFE_SINGLE, SAFE_INDEX, checked(read_safetensors)), (BIN_SINGLE, BIN_INDEX, checked(_read_torch_bin)))
     for single, index, reader in layouts:
         if (d / single).is_file():
             return reader(d / single, device, dtype)
         if (d / index).is_file():
-            weight_map = _load_json_object(d / index).get("weight_map")
+            weight_map = load_json_object(d / index).get("weight_map")
             if not isinstance(weight_map, dict):
                 raise ValueError(f"{d / index}: missing or malformed 'weight_map'")
             out = {}
@@ -256,29 +284,42 @@ def _gemma_270m() -> Path:
     return target
 
 
+_HUB_FILES = ["*.json", "*.model", "*.txt"]  # config, tokenizer and generation files of a model repo
+_HUB_ID = re.compile(r"(?:[\w.-]+/)?[\w.-]+")  # "org/name", or a legacy bare name like "gpt2"
+_FILE_SUFFIXES = (".gguf", ".safetensors", ".bin", ".json", ".pt")  # a missing file, never a hub id
+
+
 def _hub_download(repo_id: str) -> Path:
-    how = f"download it elsewhere (huggingface-cli download {repo_id} --local-dir DIR) and pass DIR instead"
+    """A hub repository's config, tokenizer and weights: safetensors when the repo has them, else the .bin files
+    (never both: repos that carry both would be downloaded twice)."""
+    how = (f"download it where there is a network (hf download {repo_id} --local-dir DIR, or "
+           f"huggingface_hub.snapshot_download) and pass DIR instead")
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
-        raise ValueError(f"{repo_id}: looks like a hub id but huggingface_hub is not installed; {how}") from None
+        raise ValueError(f"{repo_id}: not a local path, and as a hub id it needs huggingface_hub, which is not "
+                         f"installed; {how}") from None
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "pytorch_model*.bin",
-                                                               "*.model", "*.txt"]))
+        local = Path(snapshot_download(repo_id, allow_patterns=_HUB_FILES + ["*.safetensors"]))
+        if not any(local.glob("*.safetensors")):
+            local = Path(snapshot_download(repo_id, allow_patterns=_HUB_FILES + ["pytorch_model*.bin"]))
+        return local
     except Exception as e:  # offline, 404, gated, disk full: all leave the user with the same fix
         first = str(e).splitlines()[0] if str(e) else ""
-        raise ValueError(f"{repo_id}: hub download failed ({type(e).__name__}: {first}); {how}") from None
+        raise ValueError(f"{repo_id}: no such local path, and the hub download failed ({type(e).__name__}: "
+                         f"{first}); {how}") from None
 
 
 def resolve_checkpoint(name_or_path) -> Path:
-    """Local path for a checkpoint name: an existing file/dir as-is, an embedded name, or a hub id (org/name)."""
+    """Local path for a checkpoint name: an existing file/dir as-is, an embedded name, or a hub id (org/name, or
+    a legacy bare name such as gpt2)."""
     path = Path(name_or_path).expanduser()
     if path.exists():
         return path
     name = str(name_or_path)
-    if name == DEFAULT_MODEL:
+    if name in EMBEDDED:
         return _gemma_270m()
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", name):
+    if _HUB_ID.fullmatch(name) and not name.endswith(_FILE_SUFFIXES) and not name.startswith("."):
         return _hub_download(name)
     raise FileNotFoundError(f"{name}: no such file or directory, and not an embedded name ({', '.join(EMBEDDED)}) "
                             f"or a hub id (org/name)")
@@ -376,10 +417,16 @@ def _parse_gguf(path: Path):
             if n_dims > 4:
                 raise ValueError(f"tensor {name!r} claims {n_dims} dims (ggml has at most 4)")
             ne = [cur.u("<Q") for _ in range(n_dims)]
-            infos.append((name, ne, GGMLQuantizationType(cur.u("<I")), cur.u("<Q")))
+            qtype = cur.u("<I")
+            if qtype not in GGMLQuantizationType._value2member_map_:
+                raise ValueError(f"tensor {name!r} has unknown ggml type {qtype}")
+            infos.append((name, ne, GGMLQuantizationType(qtype), cur.u("<Q")))
     except (ValueError, struct.error, UnicodeDecodeError, OverflowError) as e:
         raise ValueError(f"{path}: corrupt or truncated GGUF header ({e})") from None
     align = meta.get("general.alignment", 32)
+    # llama.cpp's own check: the data section starts at a multiple of a power of two
+    if type(align) is not int or align < 1 or align & (align - 1):
+        raise ValueError(f"{path}: GGUF field general.alignment = {align!r} must be a power of two (default 32)")
     data_start = -(-cur.pos // align) * align
     return meta, [(name, ne, qtype, data_start + off) for name, ne, qtype, off in infos], mm
 
@@ -387,6 +434,8 @@ def _parse_gguf(path: Path):
 def _dequantize(path: Path, mm, name: str, ne: list[int], qtype, offset: int, dtype, device) -> torch.Tensor:
     from gguf import GGML_QUANT_SIZES
     from gguf.quants import dequantize
+    if qtype not in GGML_QUANT_SIZES:
+        raise ValueError(f"{path}: tensor {name!r} has type {qtype.name}, which gguf cannot dequantize")
     block, type_size = GGML_QUANT_SIZES[qtype]
     row_len, n_rows = ne[0], math.prod(ne[1:])
     if row_len % block:
@@ -407,7 +456,7 @@ def _dequantize(path: Path, mm, name: str, ne: list[int], qtype, offset: int, dt
             list(pool.map(work, chunks))
     except NotImplementedError:
         raise ValueError(f"{path}: tensor {name!r} has type {qtype.name}, which gguf cannot dequantize") from None
-    return out.reshape(tuple(reversed(ne))).to(device)
+    return check_finite(path, name, out.reshape(tuple(reversed(ne))).to(device))
 
 
 # HF name of every llama.cpp tensor we read; checked against gguf.get_tensor_name_map in tests/test_checkpoint.py.
@@ -472,6 +521,16 @@ def _gguf_config(path: Path, arch: str, meta: dict, tensors: dict, tok: dict) ->
 def read_gguf_metadata(path) -> dict:
     """All key/value metadata of a GGUF file (architecture, hyperparameters, tokenizer.ggml.*), no tensor data."""
     return _parse_gguf(Path(path))[0]
+
+
+def gguf_quantization(path) -> str:
+    """How a GGUF file stores its weights, e.g. "Q4_K_M" (llama.cpp's general.file_type), else its tensor types."""
+    from gguf import LlamaFileType
+    meta, infos, _ = _parse_gguf(Path(path))
+    file_type = meta.get("general.file_type")
+    if file_type in LlamaFileType._value2member_map_:
+        return LlamaFileType(file_type).name.removeprefix("MOSTLY_")
+    return "/".join(sorted({qtype.name for _, _, qtype, _ in infos}))
 
 
 def read_gguf_tensors(path, dtype=torch.float32, device="cpu") -> tuple[dict, dict[str, torch.Tensor]]:

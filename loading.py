@@ -4,27 +4,32 @@ Checkpoints in, checkpoints out: the one place that turns a name into a (model, 
     python loading.py info gemma-3-270m                          # architecture, parameters, forward tokens/s
     python loading.py convert model.gguf --out runs/hf           # GGUF / HF / hub id -> one HF checkpoint
     python loading.py convert runs/lora/best --out runs/merged   # base + LoRA adapters -> one HF checkpoint
-    python loading.py peft runs/lora/best --out runs/peft        # our adapters in PEFT's format
+    python loading.py peft old_run/best --out runs/peft          # older adapter dirs in PEFT's format
 
 `load_model` takes a local HF directory, a .gguf file, a hub id, the embedded name gemma-3-270m, or a LoRA
 adapter directory (lora.py), which gives its base model with the adapters merged in. Bytes are read by
 checkpoint.py, tokenizers built by tokenizer.py, the architecture is model.py's, adapters are lora.py's; this
 module sits above all four so none of them needs to know about the others' files.
 
-`add_device_args` and `resolve_dtype` give every script the same --device and --dtype.
+`save_model` writes a checkpoint with what it came from: the source's generation_config.json and
+tokenizer_config.json fields (chat template, model_max_length, ...), and a README.md model card recording the
+base model, a GGUF source's quantization, the base's terms of use and the caller's notes (training data).
+
+`add_device_args`, `resolve_device` and `resolve_dtype` give every script the same --device and --dtype.
 """
 
 import argparse
+import re
 import time
 from pathlib import Path
 
 import torch
 
 import lora
-from checkpoint import (DEFAULT_MODEL, cache_dir, read_config, read_gguf, read_hf_weights, resolve_checkpoint,
-                        write_hf_weights)
+from checkpoint import (DEFAULT_MODEL, cache_dir, gguf_quantization, load_json_object, read_config, read_gguf,
+                        read_hf_weights, resolve_checkpoint, write_hf_weights)
 from model import DTYPES, Transformer
-from report import exit_on_error, write_json
+from report import exit_on_error, write_json, write_text
 from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------
@@ -32,7 +37,8 @@ from tokenizer import Tokenizer
 
 
 def add_device_args(parser):
-    """Add --device and --dtype to an argparse parser; pass the parsed values through resolve_dtype."""
+    """Add --device and --dtype to an argparse parser; pass the parsed values through resolve_dtype, which
+    refuses a device this machine does not have."""
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu, cuda, cuda:N or mps (default: cuda when available)")
     parser.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
@@ -40,9 +46,32 @@ def add_device_args(parser):
                         "on CPU: bf16 matmuls are far slower on most CPUs")
 
 
+def resolve_device(device):
+    """`device` itself if this machine has it, else a ValueError naming --device: torch would otherwise fail
+    with a traceback at the first tensor moved there (or, for an unknown name, at parsing)."""
+    try:
+        kind, index = torch.device(device).type, torch.device(device).index
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device {device!r}: not a device; use cpu, cuda, cuda:N or mps") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this machine has no CUDA device (torch {torch.__version__}, "
+                         f"built {'with CUDA ' + torch.version.cuda if torch.version.cuda else 'without CUDA'}); "
+                         "use --device cpu")
+    if kind == "cuda" and index is not None and index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                         f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {device}: MPS (Apple GPU) is not available here; use --device cpu")
+    if kind not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device {device}: {kind} is not supported; use cpu, cuda, cuda:N or mps")
+    return device
+
+
 def resolve_dtype(device, dtype):
     """The dtype name ("fp32", "bf16", "fp16") a script runs in: `dtype` when given, else bf16 on CUDA and fp32
-    anywhere else. A name, not a torch.dtype, so it can be recorded in run settings; DTYPES[name] converts."""
+    anywhere else. A name, not a torch.dtype, so it can be recorded in run settings; DTYPES[name] converts.
+    Refuses a --device this machine lacks (resolve_device), so every script checks it before loading anything."""
+    resolve_device(device)
     if dtype is not None:
         return dtype
     return "bf16" if torch.device(device).type == "cuda" else "fp32"
@@ -93,7 +122,8 @@ def flush_denormals_on_cpu(device):
 def load_model(name_or_path, device="cpu", dtype=torch.float32):
     """(model, tokenizer) from a local HF directory, a .gguf file, a hub id (through huggingface_hub when it
     is installed and online), or the embedded name "gemma-3-270m" (the default). A LoRA adapter directory
-    (lora.py) gives its base model with the adapters merged in."""
+    (lora.py) gives its base model with the adapters merged in. The model remembers where it came from
+    (name_or_path, source, provenance), which save_model writes into the checkpoint's files and model card."""
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     if lora.is_adapter_dir(name_or_path):
         return load_adapter_model(name_or_path, device=device, dtype=dtype)
@@ -104,37 +134,63 @@ def load_model(name_or_path, device="cpu", dtype=torch.float32):
         # Clones: the model takes ownership of its tensors (assign=True) and training updates them in place.
         tensors = {name: t.to(device, copy=True) for name, t in tensors.items()}
         tokenizer = _gguf_tokenizer(tok_fields)
+        provenance = [f"Weights dequantized from the GGUF file {path.name} ({gguf_quantization(path)}) to "
+                      f"{str(dtype).removeprefix('torch.')}: the quantized weights, not the original release's "
+                      "(bf16) ones"]
+        generation = None
     else:
         hf_config = read_config(path)
         tensors = read_hf_weights(path, device=device, dtype=dtype)
         tokenizer = Tokenizer.from_dir(path)
+        provenance = read_provenance(path)
+        generation = load_json_object(path / "generation_config.json") if \
+            (path / "generation_config.json").is_file() else None
     model = Transformer.from_hf(hf_config, tensors, source=str(path),
                                 config_source=str(path if path.suffix == ".gguf" else path / "config.json"))
-    model.name_or_path = str(name_or_path)
+    model.name_or_path, model.source, model.provenance = str(name_or_path), path, provenance
+    model.generation_config = generation  # held, not re-read: a run may replace its source directory (RUN/last)
     return model.eval(), tokenizer
+
+
+def adapter_base(adapter_dir, base=None):
+    """The base model of an adapter directory (`base` when given), after following base models that are adapter
+    directories themselves (stacked LoRA runs) to the model at the bottom: a directory naming itself, or a
+    cycle of them, names no model and would recurse forever."""
+    config_file = lora.adapter_files(adapter_dir)[0]
+    first = base or lora.read_adapter_config(adapter_dir)["base_model"]
+    seen, name = {Path(adapter_dir).resolve()}, first
+    while name and lora.is_adapter_dir(name):
+        if Path(name).resolve() in seen:
+            raise ValueError(f"{config_file}: base model {name!r} is an adapter directory already on the way from "
+                             f"{adapter_dir} (a cycle); point base_model at the model the adapters were trained on")
+        seen.add(Path(name).resolve())
+        config_file = lora.adapter_files(name)[0]
+        name = lora.read_adapter_config(name)["base_model"]
+    if not name:
+        raise ValueError(f"{config_file}: names no base model; pass it explicitly")
+    return first
 
 
 def load_adapter_model(adapter_dir, device="cpu", dtype=torch.float32, base=None, merged=True):
     """(model, tokenizer): the base model named in adapter_dir (or `base`) with the adapters added, merged into
     the weights unless merged=False (then they stay separate and trainable)."""
-    cfg = lora.read_adapter_config(adapter_dir)
-    base = base or cfg["base_model"]
-    if not base:
-        raise ValueError(f"{Path(adapter_dir) / lora.CONFIG_NAME}: names no base model; pass it explicitly")
+    base = adapter_base(adapter_dir, base)
     try:
         model, tokenizer = load_model(base, device=device, dtype=dtype)
     except FileNotFoundError as e:
-        raise FileNotFoundError(f"{Path(adapter_dir) / lora.CONFIG_NAME}: base model {base!r} not found ({e}); "
+        raise FileNotFoundError(f"{lora.adapter_files(adapter_dir)[0]}: base model {base!r} not found ({e}); "
                                 "pass the base model's path explicitly") from None
     lora.load_adapters(model, adapter_dir)
     if merged:  # an ordinary checkpoint, trainable like any other load_model result
         lora.merge(model).requires_grad_(True)
+        model.provenance = [*model.provenance, f"LoRA adapters {adapter_dir} merged into the weights"]
     return model, tokenizer
 
 
-def save_model(model, tokenizer, out_dir, max_shard_bytes=None):
-    """Write an HF-format directory (config.json, safetensors weights, tokenizer) that both `load_model`
-    and transformers' `AutoModelForCausalLM.from_pretrained` read."""
+def save_model(model, tokenizer, out_dir, max_shard_bytes=None, notes=()):
+    """Write an HF-format directory (config.json, safetensors weights, tokenizer, the source's
+    generation_config.json, a README.md model card with `notes` added) that both `load_model` and
+    transformers' `AutoModelForCausalLM.from_pretrained` read."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous() for k, v in model.hf_state_dict().items()}
@@ -144,6 +200,51 @@ def save_model(model, tokenizer, out_dir, max_shard_bytes=None):
           "bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}
     write_json(out_dir / "config.json", hf)
     tokenizer.save(out_dir)
+    if getattr(model, "generation_config", None) is not None:
+        # sampling defaults and stop tokens of instruction models live here, not in config.json
+        write_json(out_dir / "generation_config.json", model.generation_config)
+    write_model_card(model, out_dir, notes)
+
+
+# -----------------------------------------------------------------------------
+# Model cards: README.md in every checkpoint saved, recording what the weights came from
+
+PROVENANCE_HEADING = "## Provenance"
+GEMMA_TERMS = ("Gemma is provided under and subject to the Gemma Terms of Use found at "
+               "https://ai.google.dev/gemma/terms. This checkpoint is a Model Derivative of Gemma: its use must "
+               "follow those terms, including the Gemma Prohibited Use Policy (https://ai.google.dev/gemma/"
+               "prohibited_use_policy).")
+
+
+def read_provenance(model_dir):
+    """The provenance lines of a checkpoint that save_model wrote (its README.md), so they carry over to the
+    checkpoints saved from it; [] for any other directory."""
+    card = Path(model_dir) / "README.md"
+    text = card.read_text(encoding="utf-8", errors="replace") if card.is_file() else ""
+    if PROVENANCE_HEADING not in text:
+        return []
+    section = text.split(PROVENANCE_HEADING, 1)[1].split("\n## ", 1)[0]
+    return [line[2:].strip() for line in section.splitlines() if line.startswith("- ")]
+
+
+def write_model_card(model, out_dir, notes=()):
+    """README.md: the base model, what happened to its weights (lines carried over from the source's card, then
+    the caller's `notes`, e.g. the training data and its license), and the base model's terms of use."""
+    base = getattr(model, "name_or_path", None) or "unknown (not loaded through loading.load_model)"
+    lines = dict.fromkeys([f"Base model: {base}", *getattr(model, "provenance", []), *notes])  # ordered, unique
+    bullets = ["- " + re.sub(r"\s+", " ", line) for line in lines]  # one line each, so read_provenance reads them
+    family = model.config.family
+    if lora.lora_layers(model):
+        what = (f"LoRA adapters (rank {model.lora_config['rank']}) for a {family} model; loading.load_model "
+                "reads them merged into the base model" + ("" if model.config.fused_qkv else
+                                                           ", peft's PeftModel.from_pretrained as they are"))
+    else:
+        what = (f"A {family} checkpoint ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters); "
+                "transformers' AutoModelForCausalLM and loading.load_model read it")
+    terms = GEMMA_TERMS if family.startswith("gemma") else "The base model's license and terms of use apply."
+    write_text(Path(out_dir) / "README.md", "\n".join([
+        "# Model card", "", f"{what}. Written by this repository's loading.py.", "",
+        PROVENANCE_HEADING, "", *bullets, "", "## Terms of use", "", terms, ""]))
 
 
 # -----------------------------------------------------------------------------

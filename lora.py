@@ -12,13 +12,17 @@ dropout 0.05 on every linear layer, and finds LoRA transfers across languages le
     python train_dpo.py --lora-rank 64 --out runs/lora       # adapters alone in runs/lora/best, last
     python lora.py info runs/lora/best                        # what an adapter directory holds
     python loading.py convert runs/lora/best --out runs/merged  # base + adapters -> one HF checkpoint
-    python loading.py peft runs/lora/best --out runs/peft       # the adapters in PEFT's format
+    python loading.py peft old_run/best --out runs/peft         # an older adapter dir in PEFT's format
 
-An adapter directory holds adapter_config.json (rank, alpha, dropout, targets, the base model's name) and
-adapter_model.safetensors (this repo's parameter names: blocks.{i}.attn.q.lora_A, ...). `loading.load_model`
-reads such a directory as the base model with the adapters merged in, so generate.py, evaluate.py and
-probe.py take it like any checkpoint. Directories that peft's save_pretrained wrote (LoRA, including rsLoRA and
-adapters on GPT-2's and BLOOM's fused q/k/v layers) load the same way.
+An adapter directory (`save_adapters`) is in PEFT's LoRA format, adapter_config.json and
+adapter_model.safetensors, so peft's PeftModel.from_pretrained reads it as it is. The families whose
+checkpoints fuse q, k and v into one layer (GPT-2, BLOOM) cannot be written that way (see save_peft_adapters):
+theirs is lora_config.json (rank, alpha, dropout, targets, the base model's name) and lora_model.safetensors
+(this repo's parameter names: blocks.{i}.attn.q.lora_A, ...), names peft does not claim. Directories of
+either kind, older ones with this repo's schema under PEFT's file names, and those peft's save_pretrained wrote
+(LoRA, including rsLoRA and adapters on GPT-2's and BLOOM's fused q/k/v layers) all load: `loading.load_model`
+reads one as the base model with the adapters merged in, so generate.py, evaluate.py and probe.py take it like
+any checkpoint.
 """
 
 import argparse
@@ -32,14 +36,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoint import read_safetensors, write_safetensors
+from checkpoint import check_finite, read_safetensors, write_safetensors
 from model import qkv_split, check_tensors
 from report import exit_on_error, write_json
 
-# The linear layers of a block, by their attribute names in model.py. All of them is the paper's choice
-# ("all linear layers"); like PEFT's "all-linear", the LM head is never a target.
+# The linear layers of a block, by their attribute names in model.py. The paper says "all linear layers"; its
+# official code also adapts the token embedding and LM head, which are never targets here (as in PEFT's
+# "all-linear").
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
-CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
+CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"  # PEFT's
+OWN_CONFIG_NAME, OWN_WEIGHTS_NAME = "lora_config.json", "lora_model.safetensors"  # fused-q/k/v families
 
 
 class LoRAUpdate(torch.autograd.Function):
@@ -181,11 +187,11 @@ def merge(model):
 # Adapter directories
 
 
-def write_adapter_dir(out_dir, config, tensors):
-    """adapter_config.json and adapter_model.safetensors, each written atomically."""
+def write_adapter_dir(out_dir, config, tensors, names=(CONFIG_NAME, WEIGHTS_NAME)):
+    """The config and weights files of an adapter directory, each written atomically."""
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-    write_json(Path(out_dir) / CONFIG_NAME, config)
-    write_safetensors(Path(out_dir) / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
+    write_json(Path(out_dir) / names[0], config)
+    write_safetensors(Path(out_dir) / names[1], tensors, metadata={"format": "pt"})
 
 
 def base_name(base_model):
@@ -196,19 +202,33 @@ def base_name(base_model):
 
 def save_adapters(model, out_dir, base_model):
     """Write the adapters alone (a few MB instead of the whole model) and what is needed to rebuild the model:
-    adapter_config.json names the base model (as given to load_model) and the LoRA settings."""
+    the base model (as given to load_model) and the LoRA settings. In PEFT's format where the family allows,
+    else in this repo's under lora_*.json/.safetensors (see the module docstring)."""
+    if not model.config.fused_qkv:
+        return save_peft_adapters(model, out_dir, base_model)
     adapters = adapter_state_dict(model)
     write_adapter_dir(out_dir, {"base_model": base_name(base_model), **model.lora_config,
-                                "parameters": sum(p.numel() for p in adapters.values())}, adapters)
+                                "parameters": sum(p.numel() for p in adapters.values())}, adapters,
+                      names=(OWN_CONFIG_NAME, OWN_WEIGHTS_NAME))
+
+
+def adapter_files(path):
+    """(config, weights) paths of an adapter directory: PEFT's names when its config is there, else ours."""
+    path = Path(path)
+    if (path / CONFIG_NAME).is_file():
+        return path / CONFIG_NAME, path / WEIGHTS_NAME
+    return path / OWN_CONFIG_NAME, path / OWN_WEIGHTS_NAME
 
 
 def read_adapter_config(path):
-    """The adapter_config.json of an adapter directory, ours or PEFT's, checked field by field."""
-    path = Path(path) / CONFIG_NAME
+    """The config of an adapter directory, ours or PEFT's, checked field by field."""
+    path = adapter_files(path)[0]
     try:
         cfg = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise ValueError(f"{path}: unreadable adapter config ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
     if "peft_type" in cfg:
         return _from_peft_config(cfg, path)
     for field, kind in (("base_model", str), ("rank", int), ("alpha", (int, float)), ("dropout", (int, float)),
@@ -232,6 +252,8 @@ def _from_peft_config(cfg, path):
             raise ValueError(f"{path}: field {field!r} is missing or not a number")
     # rsLoRA scales by alpha / sqrt(r); ours by alpha / r: the same scale with alpha * sqrt(r)
     alpha = cfg["lora_alpha"] * (math.sqrt(cfg["r"]) if cfg.get("use_rslora") else 1)
+    if not isinstance(cfg.get("base_model_name_or_path") or "", str):
+        raise ValueError(f"{path}: field 'base_model_name_or_path' is not a string")
     return {"base_model": cfg.get("base_model_name_or_path") or "", "rank": cfg["r"], "alpha": alpha,
             "dropout": cfg.get("lora_dropout", 0.0), "targets": None, "format": "peft"}
 
@@ -286,16 +308,17 @@ def save_peft_adapters(model, out_dir, base_model):
 
 
 def is_adapter_dir(path):
-    return (Path(path) / CONFIG_NAME).is_file()
+    return adapter_files(path)[0].is_file()
 
 
 def load_adapters(model, adapter_dir):
     """Add the adapters of `adapter_dir` (ours, or PEFT's LoRA format) to a base model (unmerged, trainable),
     checking every tensor's name and shape against the model. Returns the model."""
     cfg = read_adapter_config(adapter_dir)
-    path = Path(adapter_dir) / WEIGHTS_NAME
+    path = adapter_files(adapter_dir)[1]
     device = next(model.parameters()).device
-    tensors = read_safetensors(path, device=device, dtype=torch.float32)
+    tensors = {name: check_finite(path, name, t)
+               for name, t in read_safetensors(path, device=device, dtype=torch.float32).items()}
     targets = cfg["targets"]
     if cfg.get("format") == "peft":
         tensors, targets = peft_tensors(model, tensors, path)
@@ -319,7 +342,7 @@ def main(argv=None):
 
     if args.command == "info":
         cfg = read_adapter_config(args.adapters)
-        n = sum(t.numel() for t in read_safetensors(Path(args.adapters) / WEIGHTS_NAME).values())
+        n = sum(t.numel() for t in read_safetensors(adapter_files(args.adapters)[1]).values())
         targets = ",".join(cfg["targets"]) if cfg["targets"] else "as the tensors name them"
         print(f"{args.adapters}: {'PEFT ' if cfg.get('format') == 'peft' else ''}LoRA rank {cfg['rank']}, alpha "
               f"{cfg['alpha']:g} (scale {cfg['alpha'] / cfg['rank']:g}), dropout {cfg['dropout']}, targets {targets}; "

@@ -340,16 +340,42 @@ CONFIGS = {c.family: c for c in (GPT2Config, BloomConfig, LlamaConfig, Gemma3Con
 CONFIGS["gemma3"] = Gemma3Config  # multimodal Gemma 3 configs nest the text model under "text_config"
 
 
+# The HF config fields that size the model (any family's spelling): a whole number >= 1 each, when present.
+HF_SIZE_FIELDS = ("vocab_size", "hidden_size", "n_embd", "n_embed", "num_hidden_layers", "n_layer",
+                  "num_attention_heads", "n_head", "num_key_value_heads", "head_dim", "intermediate_size", "n_inner",
+                  "max_position_embeddings", "n_positions", "sliding_window", "query_pre_attn_scalar")
+HF_POSITIVE_FIELDS = ("rms_norm_eps", "layer_norm_epsilon", "layer_norm_eps", "rope_theta", "logit_scale")
+
+
+def check_hf_fields(hf, source):
+    """Refuse a config.json whose sizes are not whole numbers (e.g. "num_hidden_layers": "2") or whose epsilons
+    and RoPE base are not positive numbers, naming the field: otherwise the first use deep in the model fails
+    with a TypeError."""
+    for name in HF_SIZE_FIELDS:
+        value = hf.get(name)
+        if value is not None and (type(value) is not int or value < 1):
+            raise ValueError(f"{source}: field {name!r} = {value!r} must be a whole number >= 1")
+    for name in HF_POSITIVE_FIELDS:
+        value = hf.get(name)
+        if value is not None and (type(value) not in (int, float) or not value > 0 or not math.isfinite(value)):
+            raise ValueError(f"{source}: field {name!r} = {value!r} must be a positive number")
+
+
 def config_from_hf(hf, source="config.json"):
     model_type = hf.get("model_type")
-    if model_type == "gemma3" and "text_config" in hf:
+    if model_type == "gemma3" and isinstance(hf.get("text_config"), dict):
         hf = {**hf["text_config"], "model_type": "gemma3_text"}
     if model_type not in CONFIGS:
         raise ValueError(f"{source}: unknown model_type {model_type!r}; supported: {', '.join(sorted(CONFIGS))}")
+    check_hf_fields(hf, source)
     try:
-        return CONFIGS[model_type].from_hf(hf)
+        cfg = CONFIGS[model_type].from_hf(hf)
     except KeyError as e:
         raise ValueError(f"{source}: {model_type} config is missing field {e.args[0]!r}") from None
+    if cfg.n_heads % cfg.n_kv_heads:  # grouped-query attention shares each k/v head among n_heads / n_kv_heads
+        raise ValueError(f"{source}: {cfg.n_heads} attention heads are not a multiple of {cfg.n_kv_heads} "
+                         "key/value heads")
+    return cfg
 
 
 # -----------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 What a DPO run keeps on disk, so that a killed run resumes exactly where it stopped:
 
     RUN/config.json    the resolved configuration (read back by --resume)
+    RUN/data.json      what the training and validation pairs were (source, count, sha256): --resume refuses
+                       pairs that changed since
     RUN/ref_logps.pt   reference log-probs of every pair, computed once with the starting model (keyed by
                        everything they depend on, and filled in batch by batch as a run needs them)
     RUN/last/          the latest checkpoint and last/state.pt (optimizer, step, RNG, early-stopping counters,
@@ -26,8 +28,8 @@ import torch
 
 import lora
 from dpo import collate, compute_logps
-from loading import load_adapter_model, load_model, save_model
-from report import atomic_write, write_text
+from loading import load_adapter_model, load_model, save_model, write_model_card
+from report import atomic_write, write_json, write_text
 
 # -----------------------------------------------------------------------------
 # Reference log-probs: one pass with the starting model, cached next to the run
@@ -111,18 +113,19 @@ def read_run_config(run_dir):
         raise ValueError(f"{path}: unreadable run config ({e})") from None
 
 
-def save_checkpoint(model, tokenizer, path, state=None):
-    """Write model (its LoRA adapters alone, if it has any) and resume state to a temp dir, then rename it into
-    place. A crash leaves either the old or the new directory: a directory cannot be os.replace'd over a
-    non-empty one, so the old one is first moved aside to .NAME.old, which `find_checkpoint` falls back to if
-    the crash hit between the renames."""
+def save_checkpoint(model, tokenizer, path, state=None, notes=()):
+    """Write model (its LoRA adapters alone, if it has any), its model card with `notes` (the training data and
+    its license) and resume state to a temp dir, then rename it into place. A crash leaves either the old or
+    the new directory: a directory cannot be os.replace'd over a non-empty one, so the old one is first moved
+    aside to .NAME.old, which `find_checkpoint` falls back to if the crash hit between the renames."""
     path = Path(path)
     tmp, old = path.with_name(f".{path.name}.tmp"), path.with_name(f".{path.name}.old")
     shutil.rmtree(tmp, ignore_errors=True)
     if lora.lora_layers(model):
         lora.save_adapters(model, tmp, model.name_or_path)
+        write_model_card(model, tmp, notes)
     else:
-        save_model(model, tokenizer, tmp)
+        save_model(model, tokenizer, tmp, notes=notes)
     if state is not None:
         torch.save(state, tmp / "state.pt")
     if path.exists():
@@ -130,6 +133,39 @@ def save_checkpoint(model, tokenizer, path, state=None):
         os.replace(path, old)
     os.replace(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def pairs_record(source, pairs):
+    """{source, pairs, sha256} of preference pairs: the hash covers their texts in order, not the file:line
+    they were read from, so a moved file still matches."""
+    h = hashlib.sha256()
+    for pair in pairs:
+        h.update(json.dumps([pair["prompt"], pair["chosen"], pair["rejected"]]).encode())
+    return {"source": str(source), "pairs": len(pairs), "sha256": h.hexdigest()}
+
+
+def check_run_data(run_dir, records):
+    """Refuse to resume a run on pairs other than those it started with (records: {split: pairs_record}), naming
+    the file: the run would silently train on new data and recompute its reference log-probs. A run older than
+    RUN/data.json is taken as it is (the caller then records its data)."""
+    path = Path(run_dir) / "data.json"
+    if not path.is_file():
+        print(f"note: {path} missing (a run from an older version): recording the current data")
+        return
+    try:
+        saved = json.loads(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{path}: unreadable ({e}); delete it to resume with the current data unchecked") from None
+    for split, now in records.items():
+        was = saved.get(split) if isinstance(saved, dict) else None
+        if isinstance(was, dict) and was.get("sha256") != now["sha256"]:
+            raise ValueError(f"{now['source']}: the {split} pairs ({now['pairs']}) differ from the {was.get('pairs')} "
+                             f"the run in {run_dir} started with (recorded in {path}); restore them, or start a "
+                             "new run with another --out")
+
+
+def write_run_data(run_dir, records):
+    write_json(Path(run_dir) / "data.json", records)
 
 
 def find_checkpoint(path):

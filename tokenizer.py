@@ -43,6 +43,9 @@ LLAMA3_SPLIT = (
 CONVENTIONAL_EOS = ("<eos>", "</s>", "<|endoftext|>", "<|end_of_text|>")
 CONVENTIONAL_BOS = ("<bos>", "<s>", "<|begin_of_text|>")
 
+# tokenizer_config.json fields a saved copy must not repeat: they point at the source's files or code.
+NOT_CARRIED = ("auto_map", "tokenizer_file", "name_or_path")
+
 # Bump when the GGUF -> tokenizer.json rebuild changes, so stale cache entries are never read.
 GGUF_BUILD_VERSION = 1
 
@@ -51,13 +54,17 @@ class Tokenizer:
     """Encode/decode/pad for one model. `pad_id` falls back to `eos_id` (never None).
 
     Takes ownership of `backend`: its post-processor is replaced by one that adds BOS iff `add_bos`.
+    `config` holds the source's other tokenizer_config.json fields (chat_template, model_max_length,
+    padding_side, ...), which this class does not use but `save()` writes back, so a saved checkpoint of an
+    instruction model keeps its chat template.
     """
 
     def __init__(self, backend: Backend, bos_id: int | None, eos_id: int, pad_id: int | None = None,
-                 add_bos: bool = False):
+                 add_bos: bool = False, config: dict | None = None):
         if add_bos and bos_id is None:
             raise ValueError("add_bos=True needs a bos token, but none was found")
         self.backend = backend
+        self.config = {k: v for k, v in (config or {}).items() if k not in NOT_CARRIED}
         self.bos_id, self.eos_id = bos_id, eos_id
         self.pad_id = eos_id if pad_id is None else pad_id
         self.add_bos = add_bos
@@ -122,8 +129,8 @@ class Tokenizer:
         out_dir.mkdir(parents=True, exist_ok=True)
         names = {"bos_token": self.bos_id, "eos_token": self.eos_id, "pad_token": self.pad_id}
         special = {name: self.backend.id_to_token(i) for name, i in names.items() if i is not None}
-        config = {"tokenizer_class": "PreTrainedTokenizerFast", **special, "add_bos_token": self.add_bos,
-                  "add_eos_token": False, "clean_up_tokenization_spaces": False}
+        config = {**self.config, "tokenizer_class": "PreTrainedTokenizerFast", **special,
+                  "add_bos_token": self.add_bos, "add_eos_token": False, "clean_up_tokenization_spaces": False}
         write_text(out_dir / "tokenizer.json", self.backend.to_str())
         write_text(out_dir / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False))
         write_text(out_dir / "special_tokens_map.json", json.dumps(special, indent=2, ensure_ascii=False))
@@ -181,7 +188,7 @@ class Tokenizer:
         for token_id in (bos_id, eos_id):  # decode(skip_special=True) must drop them
             if token_id is not None:
                 backend.add_special_tokens([backend.id_to_token(token_id)])
-        return cls(backend, bos_id, eos_id, configured("pad"), add_bos)
+        return cls(backend, bos_id, eos_id, configured("pad"), add_bos, config=tok_config)
 
     # ---------------------------------------------------------------- GGUF
 
@@ -224,8 +231,9 @@ class Tokenizer:
             if cached is not None:
                 cached.parent.mkdir(parents=True, exist_ok=True)
                 write_text(cached, backend.to_str())
+        carried = {"chat_template": fields["chat_template"]} if isinstance(fields.get("chat_template"), str) else {}
         return cls(backend, fields.get("bos_token_id"), fields["eos_token_id"], fields.get("padding_token_id"),
-                   bool(fields.get("add_bos_token", default_add_bos)))
+                   bool(fields.get("add_bos_token", default_add_bos)), config=carried)
 
 
 def read_gguf_tokenizer_fields(path) -> dict:

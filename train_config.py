@@ -23,8 +23,6 @@ from report import exit_on_error
 from runstate import read_run_config
 
 
-
-
 @dataclass
 class TrainConfig:
     model: str = DEFAULT_MODEL
@@ -48,7 +46,7 @@ class TrainConfig:
     grad_accum: int = 1
     epochs: int = 5
     max_steps: int | None = None
-    eval_every: int = 100          # Lee et al.'s config
+    eval_every: int = 25           # Lee et al. evaluate every 100 examples = 25 steps of 4 (their eval_steps=25)
     eval_batch_size: int = 8       # Lee et al.'s config
     patience: int = 10
     log_every: int = 10
@@ -58,13 +56,13 @@ class TrainConfig:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.05
     lora_targets: str = ",".join(lora.TARGETS)
-    seed: int = 42                 # Lee et al.'s config
+    seed: int = 42                 # Lee et al.'s config; this paper's official code uses 0
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     dtype: str | None = None       # None: bf16 on CUDA, fp32 elsewhere (loading.resolve_dtype)
     resume: bool = False
 
 
-# Why: a paper-sized run (5 epochs, eval every 100 steps) of the 268M-parameter default model is far too slow on
+# Why: a paper-sized run (5 epochs, eval every 25 steps) of the 268M-parameter default model is far too slow on
 # CPU (step times: bench/README.md), so the preset trains briefly and watches it closely; these are the values
 # of the committed run results/cpu-2026-12-02/dpo. The lr is below the paper's 1e-5, which over-fitted a short
 # run on a few hundred pairs. Freezing the tied 168M-parameter embedding (= LM head) removes most of the
@@ -112,7 +110,9 @@ HELP = {
     "grad_accum": "micro-batches accumulated per optimizer step (to fit memory)",
     "epochs": "passes over the training pairs",
     "max_steps": "stop after this many optimizer steps (None: run all epochs)",
-    "eval_every": "evaluate on the validation pairs, save last/ and (if better) best/ every N steps",
+    "eval_every": "evaluate on the validation pairs, save last/ and (if better) best/ every N optimizer steps. "
+                  "Lee et al. count examples: every 100 examples is 25 steps of --batch-size 4, their code's "
+                  "eval_steps=25",
     "eval_batch_size": "pairs per evaluation / reference-pass batch",
     "patience": "stop after this many evaluations without a lower validation loss",
     "log_every": "print and record training metrics every N steps",
@@ -126,11 +126,14 @@ HELP = {
                  "full checkpoint). The paper: rank 64 for its 7-8B models",
     "lora_alpha": "LoRA scale numerator: the update is (alpha / rank) * B @ A",
     "lora_dropout": "dropout on the input of each LoRA update",
-    "lora_targets": f"comma-separated linear layers of each block to adapt, from {','.join(lora.TARGETS)} "
-                    "(default: all, as the paper)",
+    "lora_targets": f"comma-separated linear layers of each block to adapt, from {','.join(lora.TARGETS)}. The "
+                    "paper says all linear layers; its official code also adapts the token embedding and LM head, "
+                    "which this implementation never does",
     "seed": "seed of the training-pair order of every epoch, the LoRA initialisation and dropout (the validation "
-            "split of --data and the RTP-LX split use fixed seeds of their own)",
-    "device": "cpu, cuda, cuda:N or mps; default cuda when available (torchrun: cuda means cuda:LOCAL_RANK)",
+            "split of --data and the RTP-LX split use fixed seeds of their own). 42 is Lee et al.'s; this "
+            "paper's official code uses 0. Either is a choice, not a result: keep 42 to compare with Lee et al.",
+    "device": "cpu, cuda, cuda:N or mps, one this machine has; default cuda when available (torchrun: cuda "
+              "means cuda:LOCAL_RANK)",
     "dtype": "the dtype the model computes in: fp32, bf16, or fp16 (with a gradient scaler); default bf16 on "
              "CUDA, fp32 elsewhere. Training autocasts to it and keeps fp32 master weights (with LoRA the frozen "
              "base is stored in it). Use fp32 on CPU: bf16 matmuls are far slower on most CPUs",
@@ -138,9 +141,11 @@ HELP = {
               f"for: {', '.join(sorted(RESUMABLE - {'resume'}))})",
 }
 # The training hyperparameters the paper/Lee et al. fixed; the other defaults are this implementation's.
+# Not among them: the seed (Lee et al.'s 42; the paper's code uses 0) and the LoRA targets (the paper's code
+# adapts the embedding and LM head too), whose help says so.
 PAPER_VALUES = {"max_prompt_len", "max_len", "beta", "loss_type", "optimizer", "lr", "warmup_steps", "grad_clip",
-                "batch_size", "epochs", "eval_every", "eval_batch_size", "patience", "seed", "label_smoothing",
-                "lora_alpha", "lora_dropout", "lora_targets"}
+                "batch_size", "epochs", "eval_every", "eval_batch_size", "patience", "label_smoothing",
+                "lora_alpha", "lora_dropout"}
 CHOICES = {"loss_type": ["sigmoid", "ipo"], "logps": ["plain", "chunked"], "ref_model": ["cache", "frozen"],
            "optimizer": ["rmsprop", "adamw"], "dtype": ["fp32", "bf16", "fp16"]}
 

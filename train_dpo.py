@@ -13,9 +13,12 @@ log-probs, loss) is dpo.py; the resume state and the reference cache are runstat
 
 The run directory holds:
     config.json      the resolved configuration (read back by --resume)
+    data.json        source, count and sha256 of the training and validation pairs (--resume refuses others)
     metrics.jsonl    one JSON object per log/eval point: step, split, loss, reward_accuracy, reward_margin, ...
     ref_logps.pt     reference-model log-probs, computed once before training (keyed by data+model+truncation)
-    best/            the checkpoint with the lowest validation loss (HF format: load_model or transformers)
+    best/            the checkpoint with the lowest validation loss (HF format: load_model or transformers;
+                     with --lora-rank, adapters that peft reads), with a README.md naming the base model and
+                     the training data's license (RTP-LX: CC BY-NC 4.0, so non-commercial use only)
     last/            the latest checkpoint, plus last/state.pt (optimizer, step, RNG, early-stopping counters),
                      so weights and resume state are replaced together in one atomic directory swap
 """
@@ -40,9 +43,9 @@ from dpo import STATS, autocast, batch_logps, collate, dpo_forward, summarize, t
 from loading import load_model
 from model import DTYPES
 from report import exit_on_error, write_json
-from runstate import (MetricsLog, by_length, find_checkpoint, fixed_batches, load_resume_state, peak_memory_mb,
-                      reference_key, rng_state, save_checkpoint, set_rng_state,
-                      update_reference_cache)
+from runstate import (MetricsLog, by_length, check_run_data, find_checkpoint, fixed_batches, load_resume_state,
+                      pairs_record, peak_memory_mb, reference_key, rng_state, save_checkpoint, set_rng_state,
+                      update_reference_cache, write_run_data)
 from train_config import TrainConfig, resolve_config
 
 # -----------------------------------------------------------------------------
@@ -67,6 +70,25 @@ def load_splits(cfg):
     random.Random(0).shuffle(order)  # fixed seed: the validation split does not move with --seed
     n_valid = min(len(pairs) - 1, max(1, round(cfg.valid_frac * len(pairs))))
     return [pairs[i] for i in order[n_valid:]], [pairs[i] for i in order[:n_valid]], n_skipped
+
+
+def data_records(cfg, train_pairs, valid_pairs):
+    """What RUN/data.json records of the pairs (runstate.pairs_record), with the file each split came from."""
+    default = "the default English RTP-LX split (data.default_split)"
+    return {"train": pairs_record(cfg.data or default, train_pairs),
+            "valid": pairs_record(cfg.valid_data or cfg.data or default, valid_pairs)}
+
+
+def training_notes(cfg):
+    """The model card lines of a run's checkpoints: how they were trained, and on what, under which license."""
+    if cfg.data is None:
+        data = ("English RTP-LX (prompt, benign, toxic) pairs. RTP-LX is licensed CC BY-NC 4.0: this model is for "
+                "non-commercial use only")
+    else:
+        data = (f"the preference pairs of {cfg.data}" + (f" (validation: {cfg.valid_data})" if cfg.valid_data
+                                                         else "") + "; their license applies to this model")
+    how = f"LoRA rank {cfg.lora_rank}" if cfg.lora_rank else "all weights"
+    return [f"Fine-tuned with DPO (train_dpo.py; beta {cfg.beta}, lr {cfg.lr}, {how}) on {data}"]
 
 
 def n_tokens(examples):
@@ -102,8 +124,9 @@ def setup_distributed(cfg):
     return True, rank, world
 
 
-def prepare_run_dir(cfg, source, ddp, master, world, micro):
-    """The run directory; the master writes config.json into it and prints the config with each value's source."""
+def prepare_run_dir(cfg, source, ddp, master, world, micro, records):
+    """The run directory; the master writes config.json and data.json (the pairs' `records`) into it and prints
+    the config with each value's source. A resumed run must have the pairs it started with."""
     if cfg.out is None:
         out = [f"runs/dpo-{datetime.datetime.now():%Y%m%d-%H%M%S}"]
         if ddp:
@@ -113,9 +136,12 @@ def prepare_run_dir(cfg, source, ddp, master, world, micro):
     if not cfg.resume and find_checkpoint(run_dir / "last") is not None:
         raise ValueError(f"{run_dir} already holds a run (last/); pass --resume to continue it or choose "
                          "another --out")
+    if cfg.resume:
+        check_run_data(run_dir, records)  # before anything in the run directory is rewritten
     if master:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json(run_dir / "config.json", dataclasses.asdict(cfg))
+        write_run_data(run_dir, records)
         print(f"config ({world} process{'es' if world > 1 else ''}, {micro} pairs per forward pass):")
         for k, v in dataclasses.asdict(cfg).items():
             note = f"CPU preset; paper: {getattr(TrainConfig(), k)}" if source[k] == "CPU preset" else source[k]
@@ -136,7 +162,9 @@ def load_start_model(cfg):
 def load_policy(cfg, run_dir):
     """(policy, tokenizer, resume state): the starting model (with fresh LoRA adapters), or RUN/last on --resume."""
     if cfg.resume:
-        return load_resume_state(run_dir, cfg.device, base_dtype(cfg))
+        policy, tokenizer, state = load_resume_state(run_dir, cfg.device, base_dtype(cfg))
+        policy.name_or_path = cfg.model  # what its checkpoints' cards and adapter configs name, not RUN/last
+        return policy, tokenizer, state
     policy, tokenizer = load_start_model(cfg)
     if cfg.lora_rank:
         lora.add_lora(policy, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
@@ -173,11 +201,12 @@ class Trainer:
             raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by --grad-accum {cfg.grad_accum} x "
                              f"{world} process(es)")
         self.micro = cfg.batch_size // (cfg.grad_accum * world)  # pairs per forward pass on this process
-        self.run_dir = prepare_run_dir(cfg, source, ddp, self.master, world, self.micro)
-        torch.manual_seed(cfg.seed)
-
-        # data: read before the model loads, so that bad input fails fast
+        # data: read before the model loads and the run directory is written, so that bad input fails fast
         train_pairs, valid_pairs, n_skipped = load_splits(cfg)
+        self.run_dir = prepare_run_dir(cfg, source, ddp, self.master, world, self.micro,
+                                       data_records(cfg, train_pairs, valid_pairs))
+        self.notes = training_notes(cfg)
+        torch.manual_seed(cfg.seed)
         if n_skipped and self.master:
             print(f"skipped {n_skipped} bad row(s) in {cfg.data} (--skip-bad)")
         self.policy, self.tokenizer, state = load_policy(cfg, self.run_dir)
@@ -406,7 +435,7 @@ class Trainer:
         self.check_weights()
         if self.master:
             if improved:
-                save_checkpoint(self.policy, self.tokenizer, self.run_dir / "best")
+                save_checkpoint(self.policy, self.tokenizer, self.run_dir / "best", notes=self.notes)
             self.save_last()
             verdict = "new best -> best/" if improved else f"no improvement ({self.bad_evals}/{self.cfg.patience})"
             bar.write(f"eval {self.step:5d} | val loss {val['loss']:.4f} | acc {val['reward_accuracy']:.3f} | "
@@ -420,7 +449,7 @@ class Trainer:
             "step": self.step, "epoch": epoch, "pos": pos * self.cfg.batch_size,
             "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(), "rng": rng_state(),
             "best_val_loss": self.best_val_loss, "best_step": self.best_step, "bad_evals": self.bad_evals,
-            "window": self.window.cpu()})
+            "window": self.window.cpu()}, notes=self.notes)
 
     def summary(self):
         """Print why the run stopped, where its checkpoints are, mean step time and peak memory; return them."""

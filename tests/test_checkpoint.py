@@ -207,7 +207,7 @@ def test_local_paths_resolve_to_themselves(tmp_path):
 
 def test_hub_id_without_huggingface_hub(monkeypatch):
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # import now raises ImportError
-    with pytest.raises(ValueError, match="huggingface_hub is not installed.*--local-dir DIR"):
+    with pytest.raises(ValueError, match="needs huggingface_hub, which is not installed.*--local-dir DIR"):
         ck.resolve_checkpoint("google/gemma-3-270m")
 
 

@@ -126,10 +126,11 @@ def test_lora_dpo_learns_and_saves_adapters_only(tmp_path):
     assert loss < 0.5 * math.log(2) < start_loss and accuracy >= 0.9 > start_acc
     for name in ("best", "last"):
         assert sorted(p.name for p in (out / name).iterdir() if p.name != "state.pt") == \
-            [lora.CONFIG_NAME, lora.WEIGHTS_NAME]
+            ["README.md", lora.CONFIG_NAME, lora.WEIGHTS_NAME]
     config = lora.read_adapter_config(out / "last")
-    assert config["rank"] == 8 and config["base_model"] == str(TINY_MODEL.resolve())
-    assert len(list(lora.TARGETS)) == len(config["targets"])
+    assert config["rank"] == 8 and config["base_model"] == str(TINY_MODEL.resolve()) and config["format"] == "peft"
+    peft_config = json.loads((out / "last" / lora.CONFIG_NAME).read_text())  # PEFT's schema, all 7 layer kinds
+    assert len(peft_config["target_modules"]) == len(lora.TARGETS)
     # the embedding, norms and every base weight are untouched: the run trained the adapters alone
     trained, _ = loading.load_adapter_model(out / "last", merged=False)
     base, _ = loading.load_model(TINY_MODEL)
@@ -192,18 +193,19 @@ def test_bad_adapter_directories_are_one_line_errors(tmp_path):
     fails(truncated, f"{weights}: tensor")
     missing_field = tmp_path / "missing_field"
     shutil.copytree(good, missing_field)
-    cfg = json.loads((missing_field / lora.CONFIG_NAME).read_text())
-    del cfg["rank"]
+    cfg = json.loads((missing_field / lora.CONFIG_NAME).read_text())  # PEFT's schema (save_adapters on gemma3)
+    del cfg["r"]
     (missing_field / lora.CONFIG_NAME).write_text(json.dumps(cfg))
-    fails(missing_field, f"{missing_field / lora.CONFIG_NAME}: field 'rank'")
+    fails(missing_field, f"{missing_field / lora.CONFIG_NAME}: field 'r'")
     mismatched = tmp_path / "mismatched"  # the gemma3 fixture's adapters on the llama fixture
     shutil.copytree(good, mismatched)
     cfg = json.loads((mismatched / lora.CONFIG_NAME).read_text())
-    (mismatched / lora.CONFIG_NAME).write_text(json.dumps({**cfg, "base_model": str(MODELS / "llama")}))
-    fails(mismatched, f"(on base model {MODELS / 'llama'}): unexpected tensor(s) blocks.2.")
+    (mismatched / lora.CONFIG_NAME).write_text(json.dumps({**cfg, "base_model_name_or_path": str(MODELS / "llama")}))
+    fails(mismatched, "model.layers.2.self_attn.q_proj.lora_A.weight is not a LoRA weight of a linear layer of this "
+                      "llama model's blocks")
     no_base = tmp_path / "no_base"
     shutil.copytree(good, no_base)
-    (no_base / lora.CONFIG_NAME).write_text(json.dumps({**cfg, "base_model": str(tmp_path / "gone")}))
+    (no_base / lora.CONFIG_NAME).write_text(json.dumps({**cfg, "base_model_name_or_path": str(tmp_path / "gone")}))
     fails(no_base, "base model")
 
 

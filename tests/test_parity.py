@@ -182,7 +182,10 @@ def test_convert_cli_writes_the_model_in_the_dtype_asked(tmp_path, capsys):
     assert "llama, " in capsys.readouterr().out
 
 
-def test_dtype_defaults_to_bf16_on_cuda_only():
+def test_dtype_defaults_to_bf16_on_cuda_only(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # resolve_dtype refuses devices it lacks
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
     assert [loading.resolve_dtype(d, None) for d in ("cpu", "cuda", "cuda:1", "mps")] == ["fp32", "bf16", "bf16",
                                                                                            "fp32"]
     assert loading.resolve_dtype("cuda", "fp32") == "fp32"

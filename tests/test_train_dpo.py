@@ -243,7 +243,13 @@ def test_real_tokenizer_encodes_prompt_with_bos_and_responses_without():
 # configuration
 
 
-def test_cpu_preset_applies_only_to_unset_flags_of_the_default_model():
+def pretend_cuda(monkeypatch):
+    """resolve_config refuses a --device this machine lacks; the default rules for CUDA are tested anyway."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+
+
+def test_cpu_preset_applies_only_to_unset_flags_of_the_default_model(monkeypatch):
+    pretend_cuda(monkeypatch)
     cfg, source = train_config.resolve_config([])
     for k, v in train_config.CPU_PRESET.items():
         assert getattr(cfg, k) == v and source[k] == "CPU preset"
@@ -252,7 +258,7 @@ def test_cpu_preset_applies_only_to_unset_flags_of_the_default_model():
     assert cfg.lr == 1e-5 and source["lr"] == "flag" and cfg.freeze_embeddings is False and cfg.max_len == 96
     cfg, _ = train_config.resolve_config(["--model", "other"])
     assert (cfg.lr, cfg.warmup_steps, cfg.max_len, cfg.max_steps, cfg.freeze_embeddings, cfg.eval_every) == \
-        (1e-5, 150, 256, None, False, 100)
+        (1e-5, 150, 256, None, False, 25)
     cfg, _ = train_config.resolve_config(["--device", "cuda"])
     assert cfg.lr == 1e-5
     with pytest.raises(ValueError, match="max-len"):
@@ -260,7 +266,8 @@ def test_cpu_preset_applies_only_to_unset_flags_of_the_default_model():
     assert "CPU PRESET" in train_config.build_parser().format_help()
 
 
-def test_log_prob_path_and_compute_dtype_defaults():
+def test_log_prob_path_and_compute_dtype_defaults(monkeypatch):
+    pretend_cuda(monkeypatch)
     cfg, _ = train_config.resolve_config(["--model", "other", "--device", "cpu"])
     assert (cfg.logps, cfg.dtype) == ("plain", "fp32")  # the reference's log-probs; fp32 on CPU
     cfg, source = train_config.resolve_config(["--device", "cpu"])
