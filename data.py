@@ -182,6 +182,28 @@ def load_pairs(path, skip_bad=False):
     return pairs, n_skipped
 
 
+def train_valid_pairs(path=None, valid_path=None, valid_frac=0.05, skip_bad=False):
+    """(train pairs, valid pairs, n_skipped) for DPO: the pairs of `path` and `valid_path`; without valid_path a
+    valid_frac share of `path` (a fixed seed: the split does not move with the training seed); without path the
+    English RTP-LX pairs of default_split()."""
+    if path is None:
+        split = default_split()
+        return split["train"], split["valid"], 0
+    pairs, n_skipped = load_pairs(path, skip_bad=skip_bad)
+    if valid_path is not None:
+        valid, n_skipped_valid = load_pairs(valid_path, skip_bad=skip_bad)
+        if not pairs or not valid:
+            empty = path if not pairs else valid_path
+            raise ValueError(f"{empty}: no usable pairs")
+        return pairs, valid, n_skipped + n_skipped_valid
+    if len(pairs) < 2:
+        raise ValueError(f"{path}: {len(pairs)} usable pair(s); need at least 2 (train + validation)")
+    order = list(range(len(pairs)))
+    random.Random(0).shuffle(order)  # fixed seed: the validation split does not move with --seed
+    n_valid = min(len(pairs) - 1, max(1, round(valid_frac * len(pairs))))
+    return [pairs[i] for i in order[n_valid:]], [pairs[i] for i in order[:n_valid]], n_skipped
+
+
 def write_toxicity_pairwise(pairs, path):
     """
     Write pairs in Lee et al.'s format (prompt_text, unpert_gen_text = chosen, pert_gen_text = rejected),

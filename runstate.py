@@ -244,3 +244,22 @@ def peak_memory_mb(device):
         return torch.cuda.max_memory_allocated(device) / 2**20
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB on Linux
+
+
+def data_records(cfg, train_pairs, valid_pairs):
+    """What RUN/data.json records of the pairs (runstate.pairs_record), with the file each split came from."""
+    default = "the default English RTP-LX split (data.default_split)"
+    return {"train": pairs_record(cfg.data or default, train_pairs),
+            "valid": pairs_record(cfg.valid_data or cfg.data or default, valid_pairs)}
+
+
+def training_notes(cfg):
+    """The model card lines of a run's checkpoints: how they were trained, and on what, under which license."""
+    if cfg.data is None:
+        data = ("English RTP-LX (prompt, benign, toxic) pairs. RTP-LX is licensed CC BY-NC 4.0: this model is for "
+                "non-commercial use only")
+    else:
+        data = (f"the preference pairs of {cfg.data}" + (f" (validation: {cfg.valid_data})" if cfg.valid_data
+                                                         else "") + "; their license applies to this model")
+    how = f"LoRA rank {cfg.lora_rank}" if cfg.lora_rank else "all weights"
+    return [f"Fine-tuned with DPO (train_dpo.py; beta {cfg.beta}, lr {cfg.lr}, {how}) on {data}"]

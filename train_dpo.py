@@ -29,7 +29,6 @@ import dataclasses
 import datetime
 import math
 import os
-import random
 import time
 from pathlib import Path
 
@@ -43,52 +42,13 @@ from dpo import STATS, autocast, batch_logps, collate, dpo_forward, summarize, t
 from loading import load_model
 from model import DTYPES
 from report import exit_on_error, write_json
-from runstate import (MetricsLog, by_length, check_run_data, find_checkpoint, fixed_batches, load_resume_state,
-                      pairs_record, peak_memory_mb, reference_key, rng_state, save_checkpoint, set_rng_state,
-                      update_reference_cache, write_run_data)
+from runstate import (MetricsLog, by_length, check_run_data, data_records, find_checkpoint, fixed_batches,
+                      load_resume_state, peak_memory_mb, reference_key, rng_state, save_checkpoint, set_rng_state,
+                      training_notes, update_reference_cache, write_run_data)
 from train_config import TrainConfig, resolve_config
 
 # -----------------------------------------------------------------------------
 # Data, learning rate, pair order
-
-
-def load_splits(cfg):
-    """(train pairs, valid pairs, n_skipped)."""
-    if cfg.data is None:
-        split = data.default_split()
-        return split["train"], split["valid"], 0
-    pairs, n_skipped = data.load_pairs(cfg.data, skip_bad=cfg.skip_bad)
-    if cfg.valid_data is not None:
-        valid, n_skipped_valid = data.load_pairs(cfg.valid_data, skip_bad=cfg.skip_bad)
-        if not pairs or not valid:
-            empty = cfg.data if not pairs else cfg.valid_data
-            raise ValueError(f"{empty}: no usable pairs")
-        return pairs, valid, n_skipped + n_skipped_valid
-    if len(pairs) < 2:
-        raise ValueError(f"{cfg.data}: {len(pairs)} usable pair(s); need at least 2 (train + validation)")
-    order = list(range(len(pairs)))
-    random.Random(0).shuffle(order)  # fixed seed: the validation split does not move with --seed
-    n_valid = min(len(pairs) - 1, max(1, round(cfg.valid_frac * len(pairs))))
-    return [pairs[i] for i in order[n_valid:]], [pairs[i] for i in order[:n_valid]], n_skipped
-
-
-def data_records(cfg, train_pairs, valid_pairs):
-    """What RUN/data.json records of the pairs (runstate.pairs_record), with the file each split came from."""
-    default = "the default English RTP-LX split (data.default_split)"
-    return {"train": pairs_record(cfg.data or default, train_pairs),
-            "valid": pairs_record(cfg.valid_data or cfg.data or default, valid_pairs)}
-
-
-def training_notes(cfg):
-    """The model card lines of a run's checkpoints: how they were trained, and on what, under which license."""
-    if cfg.data is None:
-        data = ("English RTP-LX (prompt, benign, toxic) pairs. RTP-LX is licensed CC BY-NC 4.0: this model is for "
-                "non-commercial use only")
-    else:
-        data = (f"the preference pairs of {cfg.data}" + (f" (validation: {cfg.valid_data})" if cfg.valid_data
-                                                         else "") + "; their license applies to this model")
-    how = f"LoRA rank {cfg.lora_rank}" if cfg.lora_rank else "all weights"
-    return [f"Fine-tuned with DPO (train_dpo.py; beta {cfg.beta}, lr {cfg.lr}, {how}) on {data}"]
 
 
 def n_tokens(examples):
@@ -202,7 +162,8 @@ class Trainer:
                              f"{world} process(es)")
         self.micro = cfg.batch_size // (cfg.grad_accum * world)  # pairs per forward pass on this process
         # data: read before the model loads and the run directory is written, so that bad input fails fast
-        train_pairs, valid_pairs, n_skipped = load_splits(cfg)
+        train_pairs, valid_pairs, n_skipped = data.train_valid_pairs(cfg.data, cfg.valid_data, cfg.valid_frac,
+                                                                          cfg.skip_bad)
         self.run_dir = prepare_run_dir(cfg, source, ddp, self.master, world, self.micro,
                                        data_records(cfg, train_pairs, valid_pairs))
         self.notes = training_notes(cfg)

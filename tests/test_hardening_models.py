@@ -19,6 +19,7 @@ import checkpoint
 import loading
 import lora
 import train_config
+import runstate
 import train_dpo
 from hardening import assert_one_line_error, cli, refused
 
@@ -304,9 +305,9 @@ def test_gguf_checkpoint_card_says_the_weights_are_dequantized(tmp_path):
 
 
 def test_training_notes_name_the_data_license():
-    assert "CC BY-NC 4.0: this model is for non-commercial use only" in train_dpo.training_notes(
+    assert "CC BY-NC 4.0: this model is for non-commercial use only" in runstate.training_notes(
         train_config.TrainConfig())[0]
-    assert "pairs.jsonl; their license applies" in train_dpo.training_notes(
+    assert "pairs.jsonl; their license applies" in runstate.training_notes(
         train_config.TrainConfig(data="pairs.jsonl"))[0]
 
 

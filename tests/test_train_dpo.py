@@ -20,6 +20,7 @@ import runstate
 import train_config
 import train_dpo
 from checkpoint import DEFAULT_MODEL
+from data import train_valid_pairs
 from dpo import batch_logps, collate, compute_logps, preference_loss, tokenize_pair
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -350,8 +351,7 @@ def test_valid_data_file_is_the_validation_set(tmp_path):
     pairs = [json.loads(line) for line in write_pairs(tmp_path / "pairs.jsonl").read_text().splitlines()]
     valid = tmp_path / "valid.jsonl"
     valid.write_text("".join(json.dumps(p) + "\n" for p in pairs[:3]))
-    cfg = train_config.TrainConfig(data=str(tmp_path / "pairs.jsonl"), valid_data=str(valid))
-    train, held, _ = train_dpo.load_splits(cfg)
+    train, held, _ = train_valid_pairs(tmp_path / "pairs.jsonl", valid)
     assert len(train) == len(pairs) and [p["prompt"] for p in held] == [p["prompt"] for p in pairs[:3]]
     with pytest.raises(ValueError, match="--valid-data needs --data"):
         train_config.check_config(train_config.TrainConfig(valid_data=str(valid)))
