@@ -247,7 +247,7 @@ def peak_memory_mb(device):
 
 
 def data_records(cfg, train_pairs, valid_pairs):
-    """What RUN/data.json records of the pairs (runstate.pairs_record), with the file each split came from."""
+    """What RUN/data.json records of the pairs (pairs_record), with the file each split came from."""
     default = "the default English RTP-LX split (data.default_split)"
     return {"train": pairs_record(cfg.data or default, train_pairs),
             "valid": pairs_record(cfg.valid_data or cfg.data or default, valid_pairs)}

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 import judge
 from data import DATA_DIR, LANGS, iter_jsonl, lang_from_path
+from report import exclusive
 
 WORDLIST_DIR = DATA_DIR / "wordlists"
 TOXIC_THRESHOLD = 0.5  # every scorer's scale: a text "is toxic" at score >= 0.5 (ToxProb, agreement labels)
@@ -243,7 +244,7 @@ class PerspectiveScorer:
                              "PERSPECTIVE_API_KEY environment variable to request them")
         if todo:
             self.cache_path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.cache_path, "a", encoding="utf-8") as f:
+            with exclusive(self.cache_path), open(self.cache_path, "a", encoding="utf-8") as f:
                 for key, (i, text, lang) in tqdm(todo.items(), desc="perspective", unit="text"):
                     self.cache[key] = self._request(i, text, lang)
                     f.write(json.dumps({"key": key, "lang": lang, "toxicity": self.cache[key]}) + "\n")

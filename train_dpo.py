@@ -41,7 +41,7 @@ import lora
 from dpo import STATS, autocast, batch_logps, collate, dpo_forward, summarize, tokenize_pairs
 from loading import load_model
 from model import DTYPES
-from report import exit_on_error, write_json
+from report import exclusive, exit_on_error, write_json
 from runstate import (MetricsLog, by_length, check_run_data, data_records, find_checkpoint, fixed_batches,
                       load_resume_state, peak_memory_mb, reference_key, rng_state, save_checkpoint, set_rng_state,
                       training_notes, update_reference_cache, write_run_data)
@@ -87,11 +87,6 @@ def setup_distributed(cfg):
 def prepare_run_dir(cfg, source, ddp, master, world, micro, records):
     """The run directory; the master writes config.json and data.json (the pairs' `records`) into it and prints
     the config with each value's source. A resumed run must have the pairs it started with."""
-    if cfg.out is None:
-        out = [f"runs/dpo-{datetime.datetime.now():%Y%m%d-%H%M%S}"]
-        if ddp:
-            dist.broadcast_object_list(out)  # every process must agree on the directory
-        cfg.out = out[0]
     run_dir = Path(cfg.out)
     if not cfg.resume and find_checkpoint(run_dir / "last") is not None:
         raise ValueError(f"{run_dir} already holds a run (last/); pass --resume to continue it or choose "
@@ -441,8 +436,15 @@ class Trainer:
 def main(argv=None):
     cfg, source = resolve_config(argv)
     ddp, rank, world = setup_distributed(cfg)
+    if cfg.out is None:
+        out = [f"runs/dpo-{datetime.datetime.now():%Y%m%d-%H%M%S}"]
+        if ddp:
+            dist.broadcast_object_list(out)  # every process must agree on the directory
+        cfg.out = out[0]
     try:
-        return Trainer(cfg, source, ddp, rank, world).run()
+        # one writer per run directory: a second train_dpo.py on the same --out is refused, not interleaved
+        with exclusive(Path(cfg.out) / "metrics.jsonl") if rank == 0 else contextlib.nullcontext():
+            return Trainer(cfg, source, ddp, rank, world).run()
     finally:
         if ddp:
             dist.destroy_process_group()

@@ -21,6 +21,7 @@ import train_config
 import train_dpo
 from checkpoint import DEFAULT_MODEL
 from data import train_valid_pairs
+from report import exclusive
 from dpo import batch_logps, collate, compute_logps, preference_loss, tokenize_pair
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -488,6 +489,14 @@ def test_the_run_directory_may_not_be_the_model_directory(tmp_path):
     model_dir.mkdir()
     with pytest.raises(ValueError, match="is the --model directory"):
         train_config.resolve_config(["--model", str(model_dir), "--out", str(model_dir)])
+
+
+def test_a_second_run_on_the_same_directory_is_refused(tmp_path):
+    out = tmp_path / "run"
+    with exclusive(out / "metrics.jsonl"):  # as a first train_dpo.py on this --out holds it
+        with pytest.raises(BlockingIOError, match="metrics.jsonl is being written by another process"):
+            train_dpo.main(run_args(tmp_path, out, "--max-steps", "1"))
+    assert not (out / "config.json").exists()
 
 
 def test_corrupted_resume_state_is_a_one_line_error(tmp_path):
