@@ -969,6 +969,9 @@ def run_settings(args):
         if getattr(args, key) is not None:
             settings[key] = (getattr(args, key), "flag")
         elif key in run:
+            kind = (int, float) if isinstance(default, float) else type(default)
+            if not isinstance(run[key], kind) or isinstance(run[key], bool):
+                raise ValueError(f"{config_path}: field {key!r} = {run[key]!r} is not a {type(default).__name__}")
             settings[key] = (run[key], f"from the run's {config_path}")
         else:
             settings[key] = (default, "default: no run config found" if not run else "default")

@@ -54,6 +54,7 @@ FILES = {
     "perspective_api_eval-bad_en.json": jsonl({"prompt": "p", "response": {}}),
     "scores.json": jsonl(perspective_row("you idiot", 0.9)),
     "config_file": "not a folder\n",
+    "run/config.json": '{"beta": "x", "model": "m"}\n',
 }
 BYTES = {"latin1.jsonl": jsonl(gen("p", "ok")).encode() + '{"prompt": "caf\u00e9"}\n'.encode("latin-1")}
 ALL = [*FILES, *BYTES]
@@ -63,6 +64,7 @@ PERSPECTIVE = ["--scorer", "perspective", "--perspective-url", "http://127.0.0.1
 @pytest.fixture
 def folder(tmp_path, monkeypatch):
     for name, text in FILES.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
         (tmp_path / name).write_text(text, encoding="utf-8")
     for name, data in BYTES.items():
         (tmp_path / name).write_bytes(data)
@@ -124,6 +126,8 @@ CASES = [
                  r"--max-len \(64\) must be > --max-prompt-len \(64\)", id="margins-max-len"),
     pytest.param(["margins", "--policy", "x", "--out", "o", "--langs", "xx"], r"--langs: unknown language xx",
                  id="margins-unknown-lang"),
+    pytest.param(["margins", "--policy", "run/best", "--out", "o"],
+                 r"run/config.json: field 'beta' = 'x' is not a float", id="margins-run-config-bad-type"),
     # 4. not UTF-8
     pytest.param(["latin1.jsonl"], r"latin1.jsonl:2: not UTF-8 \(byte 0xe9 at column 16", id="not-utf8"),
     # 5. the official generation files: a language from --lang or the file name, else refused
