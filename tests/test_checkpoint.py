@@ -413,8 +413,12 @@ def test_corrupt_gguf_files(tmp_path):
         assert str(tmp_path / fname) in str(e.value) and expected in str(e.value) and "\n" not in str(e.value)
 
 
-def write_gguf(path, arch, tensors):
+def write_gguf(path, arch, tensors, **metadata):
+    """A GGUF file of `tensors`; `metadata` values are written as uint32 under their names with "__" as "." (a
+    general.alignment the writer does not pad to: our reader must read what the file says)."""
     w = gguf.GGUFWriter(str(path), arch)
+    for key, value in metadata.items():
+        w.add_uint32(key.replace("__", "."), value)
     for name, value in tensors.items():
         w.add_tensor(name, value)
     w.write_header_to_file()

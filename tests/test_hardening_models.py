@@ -10,7 +10,6 @@ import struct
 import sys
 from pathlib import Path
 
-import gguf
 import numpy as np
 import pytest
 import torch
@@ -18,10 +17,11 @@ import torch
 import checkpoint
 import loading
 import lora
-import train_config
 import runstate
+import train_config
 import train_dpo
 from hardening import assert_one_line_error, cli, refused
+from test_checkpoint import write_gguf
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "tests" / "fixtures" / "models"
@@ -77,21 +77,6 @@ def with_config(tmp_path, **fields):
     config = json.loads((d / "config.json").read_text())
     (d / "config.json").write_text(json.dumps({**config, **fields}))
     return d
-
-
-def small_gguf(path, tensors, **metadata):
-    """A GGUF file of llama tensors; `metadata` values are written as uint32 (general.alignment: our reader reads
-    what the file says, while the writer pads to its own 32)."""
-    w = gguf.GGUFWriter(str(path), "llama")
-    for key, value in metadata.items():
-        w.add_uint32(key.replace("__", "."), value)
-    for name, value in tensors.items():
-        w.add_tensor(name, value)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
 
 
 def with_tensor_type(tmp_path, qtype):
@@ -200,13 +185,13 @@ CASES = [
                  r"config\.json: field 'rms_norm_eps' = '1e-6' must be a positive number", id="config-string-eps"),
     pytest.param(convert(lambda t: with_config(t, num_key_value_heads=3)),
                  r"config\.json: 4 attention heads are not a multiple of 3 key/value heads", id="config-gqa-heads"),
-    pytest.param(info(lambda t: small_gguf(t / "a.gguf", {"token_embd.weight": np.ones((4, 32), np.float32)},
+    pytest.param(info(lambda t: write_gguf(t / "a.gguf", "llama", {"token_embd.weight": np.ones((4, 32), np.float32)},
                                            general__alignment=0), "--device", "cpu"),
                  r"a\.gguf: GGUF field general\.alignment = 0 must be a power of two", id="gguf-alignment-0"),
     pytest.param(info(lambda t: with_tensor_type(t, 99), "--device", "cpu"),
                  r"bad_type\.gguf: corrupt or truncated GGUF header \(tensor 'token_embd\.weight' has unknown ggml "
                  r"type 99\)", id="gguf-bad-tensor-type"),
-    pytest.param(info(lambda t: small_gguf(t / "nan.gguf", {"token_embd.weight": np.full((4, 32), np.nan,
+    pytest.param(info(lambda t: write_gguf(t / "nan.gguf", "llama", {"token_embd.weight": np.full((4, 32), np.nan,
                                                                                         np.float32)}),
                       "--device", "cpu"),
                  r"nan\.gguf: tensor 'token_embd\.weight' has 128 non-finite", id="gguf-weights-nan"),
