@@ -150,9 +150,9 @@ CHOICES = {"loss_type": ["sigmoid", "ipo"], "logps": ["plain", "chunked"], "ref_
            "optimizer": ["rmsprop", "adamw"], "dtype": ["fp32", "bf16", "fp16"]}
 
 
-def build_parser():
+def build_parser(description=__doc__):
     p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=f"Defaults are the paper's values. CPU PRESET: when --model is the default ({DEFAULT_MODEL}) and "
                "--device is cpu, flags you do not set take CPU-sized values instead: "
                + ", ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in CPU_PRESET.items())
@@ -177,9 +177,9 @@ def build_parser():
     return p
 
 
-def resolve_config(argv=None):
+def resolve_config(argv=None, description=__doc__):
     """(config, source of each value). Precedence: flags > saved run config (--resume) > CPU preset > paper."""
-    explicit = vars(build_parser().parse_args(argv))
+    explicit = vars(build_parser(description).parse_args(argv))
     values = dataclasses.asdict(TrainConfig())
     source = {k: "paper" if k in PAPER_VALUES else "default" for k in values}
     if explicit.get("resume"):

@@ -434,7 +434,7 @@ class Trainer:
 
 
 def main(argv=None):
-    cfg, source = resolve_config(argv)
+    cfg, source = resolve_config(argv, description=__doc__)  # --help: this script's docstring
     ddp, rank, world = setup_distributed(cfg)
     if cfg.out is None:
         out = [f"runs/dpo-{datetime.datetime.now():%Y%m%d-%H%M%S}"]

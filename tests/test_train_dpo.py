@@ -21,6 +21,7 @@ import train_config
 import train_dpo
 from checkpoint import DEFAULT_MODEL
 from data import train_valid_pairs
+from hardening import cli
 from report import exclusive
 from dpo import batch_logps, collate, compute_logps, preference_loss, tokenize_pair
 
@@ -266,6 +267,8 @@ def test_cpu_preset_applies_only_to_unset_flags_of_the_default_model(monkeypatch
     with pytest.raises(ValueError, match="max-len"):
         train_config.resolve_config(["--max-len", "32", "--max-prompt-len", "64"])
     assert "CPU PRESET" in train_config.build_parser().format_help()
+    status, out, _ = cli("train_dpo.py", "--help")  # the script's own docstring teaches its use
+    assert status == 0 and "Direct Preference Optimization" in out and "--resume" in out
 
 
 def test_log_prob_path_and_compute_dtype_defaults(monkeypatch):
