@@ -1062,8 +1062,9 @@ def load_ppl_scorer(args):
     if not args.ppl_model:
         return None
     lm, tokenizer = load_model(args.ppl_model, device=args.device, dtype=args.dtype)
-    return PplModel(lm, tokenizer, args.ppl_model, args.ppl_batch_size, args.device,
-                    min(args.ppl_max_len, lm.config.max_seq_len))
+    max_len = min(args.ppl_max_len, lm.config.max_seq_len)
+    # the cut is part of the name cached with every value: another --ppl-max-len recomputes, never mixes
+    return PplModel(lm, tokenizer, f"{args.ppl_model}@{max_len}", args.ppl_batch_size, args.device, max_len)
 
 
 def single_run(args, scored, with_ppl, scorer):

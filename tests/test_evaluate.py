@@ -251,8 +251,11 @@ def test_cli_ppl_columns_with_ppl_model(tmp_path, capsys, monkeypatch):
     ppl = result["comparison"]["en"]["ppl"]
     rows = evaluate.read_generations(tmp_path / "dpo.lexicon.scored.jsonl")
     assert ppl["after"] == pytest.approx(float(np.median([r["ppl"] for r in rows])))
-    assert all(r["ppl_model"] == "bigram" for r in rows)
+    assert all(r["ppl_model"].startswith("bigram@") for r in rows)  # the model and the tokens kept per text
     assert "| lang | EMT | p EMT | ToxProb | p ToxProb | AvgTox | PPL | Dist-1 |" in capsys.readouterr().out
+    # another cut is another measurement: the cached values are recomputed, not reused
+    evaluate.main(["--before", str(before), "--after", str(after), "--ppl-model", "bigram", "--ppl-max-len", "4"])
+    assert {r["ppl_model"] for r in evaluate.read_generations(tmp_path / "dpo.lexicon.scored.jsonl")} == {"bigram@4"}
 
 
 def test_cli_rejects_half_a_comparison(tmp_path):
