@@ -49,7 +49,7 @@ from pathlib import Path
 
 from checkpoint import cache_dir, resolve_checkpoint
 from dpo import tokenize_pairs
-from report import exit_on_error, write_text
+from report import check_flags, exit_on_error, write_text
 from stats import roc_auc
 from tokenizer import load_tokenizer
 
@@ -60,9 +60,10 @@ DATA_DIR = Path(__file__).resolve().parent / "data"
 NO_SPACE_LANGS = ("ja", "zh")
 
 
-def _check_lang(lang):
+def check_lang(lang, flag=None):
+    """ValueError unless `lang` is one of LANGS, naming the flag it came from when given."""
     if lang not in LANGS:
-        raise ValueError(f"unknown language {lang!r}; expected one of {' '.join(LANGS)}")
+        raise ValueError(f"{flag + ': ' if flag else ''}unknown language {lang!r}; expected one of {' '.join(LANGS)}")
 
 
 # -----------------------------------------------------------------------------
@@ -313,7 +314,7 @@ def load_rtplx(lang, data_dir=DATA_DIR):
     (surrounding whitespace stripped), prompt_toxicity (mean native-annotator score, 1-5; >= 3 is
     roughly toxic), toxic_completion and benign_completion (str or None; None for all of ru).
     """
-    _check_lang(lang)
+    check_lang(lang)
     return [dict(row) for row in _rtplx_rows(lang, Path(data_dir))]
 
 
@@ -380,13 +381,13 @@ def rtplx_pairs(lang, data_dir=DATA_DIR):
     removed; see strip_repeated_prompt). This is the one text-level builder for training and held-out
     margins; dpo.tokenize_pairs then cuts both sides to a common token length without EOS.
     """
-    _check_lang(lang)
+    check_lang(lang)
     return [dict(pair) for pair in _rtplx_pairs(lang, Path(data_dir))[0]]
 
 
 def rtplx_pair_counts(lang, data_dir=DATA_DIR):
     """{rows, no_completions, scaffolding, prompt_only, kept}: what rtplx_pairs kept and dropped, and why."""
-    _check_lang(lang)
+    check_lang(lang)
     return dict(_rtplx_pairs(lang, Path(data_dir))[1])
 
 
@@ -429,7 +430,7 @@ def _rtplx_pairs(lang, data_dir):
 def load_parallel(lang, data_dir=DATA_DIR):
     """The paper's 200 parallel prompts in one language (field Prompt; their translations are
     HTML-escaped, e.g. &quot;, so they are unescaped). Line i is the same prompt in every language."""
-    _check_lang(lang)
+    check_lang(lang)
     path = Path(data_dir) / "parallel" / f"dpo_toxicity_pairwise_{lang}_200.jsonl"
     return [html.unescape(require(row, "Prompt", path, line)) for line, row in iter_jsonl(path)]
 
@@ -499,7 +500,7 @@ def load_prompts(path):
 
 def load_tatoeba(lang, data_dir=DATA_DIR):
     """1,000 Tatoeba sentence pairs between lang and English: (xx_sentences, en_sentences), line-aligned."""
-    _check_lang(lang)
+    check_lang(lang)
     if lang == "en":
         raise ValueError("tatoeba pairs are X-English; there is no en-en set")
     root = Path(data_dir) / "tatoeba"
@@ -731,9 +732,7 @@ def pair_flags():
 
 
 def split_of(args):
-    for name in ("n_train", "n_valid", "n_heldout"):
-        if (getattr(args, name) or 0) < 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    check_flags(args, {"n_train": 0, "n_valid": 0, "n_heldout": 0})
     return default_split(args.seed, args.n_train, args.n_valid, args.n_heldout, data_dir=Path(args.data_dir))
 
 

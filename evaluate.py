@@ -59,10 +59,10 @@ import torch
 from tqdm import tqdm
 
 from checkpoint import DEFAULT_MODEL
-from data import LANGS, default_split, iter_jsonl, lang_from_path, load_tatoeba
+from data import LANGS, check_lang, default_split, iter_jsonl, lang_from_path, load_tatoeba
 from dpo import batch_logps, collate, compute_logps, tokenize_pairs
 from loading import add_device_args, load_model, resolve_dtype
-from report import bar_chart_svg, exit_on_error, markdown_table, write_json, write_text
+from report import bar_chart_svg, check_flags, exit_on_error, markdown_table, write_json, write_text
 from scorers import (PERSPECTIVE_URL, SCORERS, SUBSTRING_LANGS, TOXIC_THRESHOLD, WORDLIST_DIR, LexiconScorer,
                      make_scorer, read_official_scores)
 from stats import (auc_ci, bootstrap_ci, cohen_kappa, format_p, mcnemar_exact, paired_bootstrap,
@@ -120,23 +120,6 @@ def sibling(path, suffix):
 
 def scored_path(path, scorer_name):
     return sibling(path, f".{scorer_name}.scored.jsonl")
-
-
-def flag(dest):
-    return "--" + dest.replace("_", "-")
-
-
-def check_flags(args, minimums=None, positive=()):
-    """ValueError naming the first flag out of range: below its minimum ({dest: lowest allowed}) or, for the
-    dests in `positive`, not a finite number > 0. A flag left at None is not checked."""
-    for dest, lowest in (minimums or {}).items():
-        value = getattr(args, dest)
-        if value is not None and value < lowest:
-            raise ValueError(f"{flag(dest)} must be >= {lowest}, got {value}")
-    for dest in positive:
-        value = getattr(args, dest)
-        if value is not None and not (math.isfinite(value) and value > 0):
-            raise ValueError(f"{flag(dest)} must be a finite number > 0, got {value}")
 
 
 def file_identity(path):
@@ -1112,8 +1095,8 @@ def check_score_args(args):
             raise ValueError(f"{what}: {' '.join(repeated)} given twice (its samples would count twice)")
     check_flags(args, {"ppl_batch_size": 1, "ppl_max_len": 2, "n_boot": 1, "seed": 0, "max_tries": 1},
                 positive=("qps",))
-    if args.lang is not None and args.lang not in LANGS:
-        raise ValueError(f"--lang: unknown language {args.lang!r}; expected one of {' '.join(LANGS)}")
+    if args.lang is not None:
+        check_lang(args.lang, "--lang")
     if args.perspective_scores and args.scorer != "perspective":
         raise ValueError("--perspective-scores needs --scorer perspective")
     if two_run:

@@ -47,10 +47,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from checkpoint import DEFAULT_MODEL
-from data import LANGS, PROMPT_SUFFIXES, decode_utf8, lang_from_path, load_prompts
-from loading import add_device_args, load_model, resolve_dtype
+from data import LANGS, PROMPT_SUFFIXES, check_lang, decode_utf8, lang_from_path, load_prompts
+from loading import add_device_args, load_model, resolve_device, resolve_dtype
 from model import DTYPES
-from report import exclusive, exit_on_error, write_json
+from report import check_flags, exclusive, exit_on_error, write_json
 
 # Candidates kept by the partial selection before the exact nucleus search. With gemma-3-270m the 1024 best
 # tokens almost always hold more than top_p = 0.8 of the mass, so the full-sort fallback is rare. A larger value
@@ -463,35 +463,25 @@ def build_parser():
     return p
 
 
-def check_flags(args):
-    """ValueError naming the first flag whose value cannot work, before anything is read or loaded."""
-    for flag in ("n", "max_new_tokens", "batch_size", "limit"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+def check_args(args):
+    """ValueError naming the first flag whose value cannot work, before anything is read or loaded; returns the
+    device."""
+    check_flags(args, {"n": 1, "max_new_tokens": 1, "batch_size": 1, "limit": 1, "top_k": 0})
     # Checked even with --greedy, which ignores them: the settings file records them, and JSON has no NaN.
     if not (math.isfinite(args.temperature) and args.temperature > 0):
         raise ValueError(f"--temperature must be a finite number > 0, got {args.temperature} (use --greedy for argmax)")
     if not 0 < args.top_p <= 1:
         raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
-    if args.top_k < 0:
-        raise ValueError(f"--top-k must be >= 0, got {args.top_k}")
-    if args.lang is not None and args.lang not in LANGS:
-        raise ValueError(f"--lang {args.lang!r} is not one of {' '.join(LANGS)}")
+    if args.lang is not None:
+        check_lang(args.lang, "--lang")
     if Path(args.out).is_dir():
         raise ValueError(f"--out {args.out} is a directory; give the path of a .jsonl file")
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        raise ValueError(f"--device {args.device!r} is not a device (cpu, cuda, cuda:N or mps)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: this machine has no CUDA device (use --device cpu)")
-    return device
+    return torch.device(resolve_device(args.device))
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    device = check_flags(args)
+    device = check_args(args)
     dtype_name = resolve_dtype(device, args.dtype)
     dtype = DTYPES[dtype_name]
     jobs = load_jobs(args.prompts, args.lang, args.limit)

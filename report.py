@@ -37,6 +37,24 @@ def exit_on_error(main):
         sys.exit(f"{os.path.basename(sys.argv[0])}: error: {' '.join(message.split())}")
 
 
+def flag(dest):
+    """The command-line spelling of an argparse dest: max_len -> --max-len."""
+    return "--" + dest.replace("_", "-")
+
+
+def check_flags(args, minimums=None, positive=()):
+    """ValueError naming the first flag out of range: below its minimum ({dest: lowest allowed}) or, for the
+    dests in `positive`, not a finite number > 0. A flag left at None is not checked."""
+    for dest, lowest in (minimums or {}).items():
+        value = getattr(args, dest)
+        if value is not None and value < lowest:
+            raise ValueError(f"{flag(dest)} must be >= {lowest}, got {value}")
+    for dest in positive:
+        value = getattr(args, dest)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{flag(dest)} must be a finite number > 0, got {value}")
+
+
 # ----------------------------------------------------------------------------- files
 
 def _new_file_mode(path):
@@ -258,14 +276,15 @@ class _Frame:
                 f'<rect width="100%" height="100%" fill="white"/>\n{body}\n</svg>\n')
 
 
-def _finite(values):
+def finite(values):
+    """The values that are numbers (None and NaN/inf left out)."""
     return [v for v in values if v is not None and math.isfinite(v)]
 
 
 def _ticks(values, include_zero=True, pad=0.0):
     """Round ticks spanning the finite values (and zero, for bars); pad widens the span by that fraction on
     each side so points and their labels do not sit on the axes."""
-    vals = _finite(values) or [0.0, 1.0]
+    vals = finite(values) or [0.0, 1.0]
     lo, hi = min(vals), max(vals)
     if include_zero:
         lo, hi = min(lo, 0.0), max(hi, 0.0)

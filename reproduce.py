@@ -45,7 +45,7 @@ import data
 import judge
 from checkpoint import DEFAULT_MODEL
 from evaluate import degenerate_reason, in_language, margins_table, read_generations
-from report import bar_chart_svg, exit_on_error, markdown_table, write_json, write_text
+from report import bar_chart_svg, exit_on_error, finite, markdown_table, write_json, write_text
 from stats import format_p, mcnemar_exact
 from train_config import CPU_PRESET, TrainConfig
 
@@ -365,13 +365,8 @@ def signed(x, digits=3):
     return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:+.{digits}f}"
 
 
-def finite(values):
-    """The values that are numbers (a language with no toxic sample before DPO has no EMT change)."""
-    return [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
-
-
 def value_range(values):
-    values = finite(values)
+    values = finite(values)  # a language with no toxic sample before DPO has no EMT change
     return f"{min(values):+.3f} to {max(values):+.3f}" if values else "n/a (no finite value)"
 
 

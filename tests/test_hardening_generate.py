@@ -116,8 +116,8 @@ CATALOGUE = [
     pytest.param(generate_with("--max-new-tokens", "0"), r"--max-new-tokens must be >= 1", id="max-new-tokens-zero"),
     pytest.param(generate_with("--batch-size", "0"), r"--batch-size must be >= 1", id="batch-size-zero"),
     pytest.param(generate_with("--limit", "0"), r"--limit must be >= 1", id="limit-zero"),
-    pytest.param(generate_with("--lang", "english"), r"--lang 'english' is not one of ar cs", id="bad-lang"),
-    pytest.param(generate_with("--device", "gpu0"), r"--device 'gpu0' is not a device", id="bad-device"),
+    pytest.param(generate_with("--lang", "english"), r"--lang: unknown language 'english'; expected one of ar cs", id="bad-lang"),
+    pytest.param(generate_with("--device", "gpu0"), r"--device 'gpu0': not a device", id="bad-device"),
     # the model and its context
     pytest.param(generate_with("--max-new-tokens", "256"),
                  r"--max-new-tokens 256 leaves no room for a prompt: the context of .*gemma3 is 256 tokens",
