@@ -584,22 +584,29 @@ def read_gguf(path, dtype=torch.float32, device="cpu") -> tuple[dict, dict[str, 
 # CLI
 # ---------------------------------------------------------------------------------------------------------------------
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    name_help = f"local HF dir, .safetensors/.gguf file, '{DEFAULT_MODEL}', or hub id org/name"
-    p = sub.add_parser("resolve", help="print the local path a checkpoint name resolves to (assembling it once)")
-    p.add_argument("name", help=name_help)
-    p = sub.add_parser("inspect", help="print the HF config (JSON) then one 'name dtype shape' line per tensor")
-    p.add_argument("name", help=name_help)
-    args = ap.parse_args(argv)
-    if args.cmd == "resolve":
-        print(resolve_checkpoint(args.name))
-        return
+def print_resolved(args):
+    print(resolve_checkpoint(args.name))
+
+
+def print_inspected(args):
     config, tensors, _ = load_checkpoint(args.name)
     print(json.dumps(config, indent=2))
     for name, t in tensors.items():
         print(f"{name}\t{str(t.dtype).removeprefix('torch.')}\t{list(t.shape)}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+    name_help = f"local HF dir, .safetensors/.gguf file, '{DEFAULT_MODEL}', or hub id org/name"
+    p = sub.add_parser("resolve", help="print the local path a checkpoint name resolves to (assembling it once)")
+    p.add_argument("name", help=name_help)
+    p.set_defaults(run=print_resolved)
+    p = sub.add_parser("inspect", help="print the HF config (JSON) then one 'name dtype shape' line per tensor")
+    p.add_argument("name", help=name_help)
+    p.set_defaults(run=print_inspected)
+    args = ap.parse_args(argv)
+    args.run(args)
 
 
 if __name__ == "__main__":

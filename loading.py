@@ -299,6 +299,7 @@ def main(argv=None):
     add_device_args(inf)
     inf.add_argument("--batch", type=int, default=8, help="batch size of the timed forward pass")
     inf.add_argument("--seq", type=int, default=128, help="sequence length of the timed forward pass")
+    inf.set_defaults(run=info)
     cv = sub.add_parser("convert", help="write a GGUF file, HF dir, hub id or LoRA adapter dir (merged into its "
                         "base) as one HF-format checkpoint, which load_model and transformers read")
     cv.add_argument("model", help="what load_model reads: HF dir, .gguf file, hub id, adapter dir, or "
@@ -307,12 +308,14 @@ def main(argv=None):
     cv.add_argument("--base", default=None, help="for an adapter dir: the base model, if not where "
                     "adapter_config.json says")
     add_device_args(cv)
+    cv.set_defaults(run=convert)
     ex = sub.add_parser("peft", help="write LoRA adapters in PEFT's format (Llama, Gemma 3, Cohere families)")
     ex.add_argument("adapters", help="adapter directory (train_dpo.py --lora-rank N writes RUN/best, RUN/last)")
     ex.add_argument("--out", required=True, help="output directory (adapter_config.json, adapter_model.safetensors)")
     ex.add_argument("--base", default=None, help="base model, if not where adapter_config.json says")
+    ex.set_defaults(run=peft)
     args = p.parse_args(argv)
-    {"info": info, "convert": convert, "peft": peft}[args.command](args)
+    args.run(args)
 
 
 if __name__ == "__main__":

@@ -333,20 +333,23 @@ def load_adapters(model, adapter_dir):
 # CLI
 
 
+def info(args):
+    cfg = read_adapter_config(args.adapters)
+    n = sum(t.numel() for t in read_safetensors(adapter_files(args.adapters)[1]).values())
+    targets = ",".join(cfg["targets"]) if cfg["targets"] else "as the tensors name them"
+    print(f"{args.adapters}: {'PEFT ' if cfg.get('format') == 'peft' else ''}LoRA rank {cfg['rank']}, alpha "
+          f"{cfg['alpha']:g} (scale {cfg['alpha'] / cfg['rank']:g}), dropout {cfg['dropout']}, targets {targets}; "
+          f"{n / 1e6:.2f}M adapter parameters; base model {cfg['base_model'] or '(not named)'}")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    info = sub.add_parser("info", help="print an adapter directory's settings and parameter count")
-    info.add_argument("adapters", help="adapter directory (train_dpo.py --lora-rank N writes RUN/best, RUN/last)")
+    inf = sub.add_parser("info", help="print an adapter directory's settings and parameter count")
+    inf.add_argument("adapters", help="adapter directory (train_dpo.py --lora-rank N writes RUN/best, RUN/last)")
+    inf.set_defaults(run=info)
     args = p.parse_args(argv)
-
-    if args.command == "info":
-        cfg = read_adapter_config(args.adapters)
-        n = sum(t.numel() for t in read_safetensors(adapter_files(args.adapters)[1]).values())
-        targets = ",".join(cfg["targets"]) if cfg["targets"] else "as the tensors name them"
-        print(f"{args.adapters}: {'PEFT ' if cfg.get('format') == 'peft' else ''}LoRA rank {cfg['rank']}, alpha "
-              f"{cfg['alpha']:g} (scale {cfg['alpha'] / cfg['rank']:g}), dropout {cfg['dropout']}, targets {targets}; "
-              f"{n / 1e6:.2f}M adapter parameters; base model {cfg['base_model'] or '(not named)'}")
+    args.run(args)
 
 
 if __name__ == "__main__":
