@@ -84,13 +84,14 @@ _GGUF_READS = {}
 
 
 def _read_gguf_cached(path, dtype):
-    """read_gguf, remembered per process: dequantizing a GGUF file costs seconds. Keyed by path, size, mtime and
-    dtype, so a changed file is read again."""
+    """(hf_config, tensors, tokenizer fields, quantization name): read_gguf and gguf_quantization, remembered per
+    process: dequantizing a GGUF file costs seconds, and the pipeline loads the same base model once per stage.
+    Keyed by path, size, mtime and dtype, so a changed file is read again."""
     stat = path.stat()
     key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, dtype)
     if key not in _GGUF_READS:
         _GGUF_READS.clear()  # one model at a time: a second dequantized copy would double the memory held
-        _GGUF_READS[key] = read_gguf(path, dtype=dtype)
+        _GGUF_READS[key] = (*read_gguf(path, dtype=dtype), gguf_quantization(path))
     return _GGUF_READS[key]
 
 
@@ -130,11 +131,11 @@ def load_model(name_or_path, device="cpu", dtype=torch.float32):
     flush_denormals_on_cpu(device)
     path = Path(resolve_checkpoint(name_or_path))
     if path.suffix == ".gguf":
-        hf_config, tensors, tok_fields = _read_gguf_cached(path, dtype)
+        hf_config, tensors, tok_fields, quantization = _read_gguf_cached(path, dtype)
         # Clones: the model takes ownership of its tensors (assign=True) and training updates them in place.
         tensors = {name: t.to(device, copy=True) for name, t in tensors.items()}
         tokenizer = _gguf_tokenizer(tok_fields)
-        provenance = [f"Weights dequantized from the GGUF file {path.name} ({gguf_quantization(path)}) to "
+        provenance = [f"Weights dequantized from the GGUF file {path.name} ({quantization}) to "
                       f"{str(dtype).removeprefix('torch.')}: the quantized weights, not the original release's "
                       "(bf16) ones"]
         generation = None
