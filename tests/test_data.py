@@ -1,4 +1,5 @@
-"""data.py: loaders and their file:line errors, RTP-LX pairs, the split's invariants, vendored licenses."""
+"""data.py and design.py: loaders and their file:line errors, RTP-LX pairs, the split's invariants, the datasets'
+checksums and licenses under the data root."""
 
 import json
 import re
@@ -6,6 +7,8 @@ import re
 import pytest
 
 import data
+import design
+import train_config
 from data import LANGS
 
 
@@ -16,16 +19,17 @@ def write(path, lines):
 
 @pytest.fixture(scope="module")
 def split0():
-    return data.default_split(seed=0)
+    return design.default_split(seed=0)
 
 
 # -----------------------------------------------------------------------------
 # jsonl and pair files
 
 
-def test_langs_and_data_dir():
+def test_langs_and_data_root():
     assert LANGS == tuple("ar cs de en es fr hi id it ja ko nl pl pt ru sv zh".split())
-    assert data.DATA_DIR.name == "data" and (data.DATA_DIR / "rtp-lx" / "en.jsonl").exists()
+    assert data.path("rtp-lx", "en.jsonl") == data.root() / "rtp-lx" / "en.jsonl" and data.path("rtp-lx", "en.jsonl").exists()
+    assert (data.REPO_DATA / "judge").is_dir() and not (data.REPO_DATA / "rtp-lx").exists()
 
 
 def test_read_jsonl_errors_name_file_and_line(tmp_path):
@@ -119,7 +123,7 @@ def test_export_round_trip(tmp_path, split0):
 
 def test_cli_export_pairs(tmp_path, capsys, split0):
     out = tmp_path / "train.jsonl"
-    data.main(["export-pairs", "--out", str(out), "--n-train", "12"])
+    design.main(["export-pairs", "--out", str(out), "--n-train", "12"])
     assert f"wrote 12 train pairs to {out}" in capsys.readouterr().out
     pairs, _ = data.load_pairs(out)
     assert [p["prompt"] for p in pairs] == [p["prompt"] for p in split0["train"][:12]]
@@ -226,17 +230,17 @@ def test_split_holds_out_parallel_prompts(split0):
 
 
 def test_split_deterministic_and_seeded(split0):
-    again = data.default_split(seed=0)
+    again = design.default_split(seed=0)
     assert again == split0
-    other = data.default_split(seed=1)
+    other = design.default_split(seed=1)
     assert [p["index"] for p in other["train"]] != [p["index"] for p in split0["train"]]
-    small = data.default_split(seed=0, n_train=100)
+    small = design.default_split(seed=0, n_train=100)
     assert small["train"] == split0["train"][:100]
     assert small["eval_prompts"] == split0["eval_prompts"] and small["valid"] == split0["valid"]
 
 
 def test_cli_split_prints_sizes(capsys, split0):
-    data.main(["split"])
+    design.main(["split"])
     out = capsys.readouterr().out
     assert f"{len(split0['train'])} train pairs, {len(split0['valid'])} valid pairs" in out
     assert "parallel prompts matched to English RTP-LX: 200 of 200" in out
@@ -264,7 +268,7 @@ def test_load_prompts_formats(tmp_path):
     assert data.load_prompts(rtp) == [{"prompt": "第一", "lang": "zh"}, {"prompt": "第二", "lang": "zh"}]
     rtp_lines = write(tmp_path / "RTP_LX_ES.json", [json.dumps({"Prompt": "uno"}), json.dumps({"Prompt": "dos"})])
     assert data.load_prompts(rtp_lines) == [{"prompt": "uno", "lang": "es"}, {"prompt": "dos", "lang": "es"}]
-    parallel = data.load_prompts(data.DATA_DIR / "parallel" / "dpo_toxicity_pairwise_de_200.jsonl")
+    parallel = data.load_prompts(data.path("official-assets", "translated_pairwise_data", "dpo_toxicity_pairwise_de_200.jsonl"))
     assert len(parallel) == 200 and parallel[0]["lang"] == "de" and parallel[0]["prompt"].startswith('"Ich hasse')
     generic = write(tmp_path / "mine.jsonl", [json.dumps({"prompt": "a", "lang": "fr"}), json.dumps({"prompt": "b"})])
     assert data.load_prompts(generic) == [{"prompt": "a", "lang": "fr"}, {"prompt": "b"}]
@@ -322,26 +326,26 @@ def test_load_tatoeba():
 
 
 # -----------------------------------------------------------------------------
-# Vendored files
+# The datasets under the data root
 
 
-@pytest.mark.parametrize("folder, license_file", [
-    ("rtp-lx", "LICENSE"), ("rtp-lx", "NOTICE"), ("parallel", "LICENSE"), ("official", "LICENSE"),
-    ("wordlists/ldnoobw", "LICENSE"), ("wordlists/id-abusive", "LICENSE.txt"), ("tatoeba", "LICENSE.LASER"),
-])
-def test_vendored_folder_has_license(folder, license_file):
-    assert (data.DATA_DIR / folder / license_file).stat().st_size > 0
+@pytest.mark.parametrize("dataset", list(data.DATASETS))
+def test_every_file_under_the_root_has_its_pinned_checksum(dataset):
+    spec = data.DATASETS[dataset]
+    assert spec.origin and spec.license and spec.citation and any(f.startswith(data.NOTE_FILES) for f in spec.files)
+    for name, (_, sha256) in spec.files.items():
+        assert data.sha256_of(data.path(dataset, name)) == sha256, name
+    on_disk = {str(p.relative_to(data.path(dataset))) for p in data.path(dataset).rglob("*") if p.is_file()}
+    assert set(spec.files) == on_disk  # the table lists every file, no more
 
 
-def test_vendored_files_complete():
-    root = data.DATA_DIR
-    for lang in LANGS:
-        assert (root / "rtp-lx" / f"{lang}.jsonl").exists()
-        assert (root / "parallel" / f"dpo_toxicity_pairwise_{lang}_200.jsonl").exists()
-    for name in ("english-probe-mgpt.pt", "mgpt_toxic_value_vectors.json", "mgpt_toxic_neuron_activations.json"):
-        assert (root / "official" / name).exists()
-    readme = (root / "README.md").read_text(encoding="utf-8")
+def test_catalogue_marks_the_non_commercial_sets():
+    readme = (data.REPO_DATA / "README.md").read_text(encoding="utf-8")
     assert "NON-COMMERCIAL" in readme and "CC BY-NC 4.0" in readme and "CC BY-NC-SA 4.0" in readme
+    assert "Content warning" in readme and "python data.py fetch" in readme
+    for name, spec in data.DATASETS.items():
+        assert f"`{name}`" in readme
+        assert spec.non_commercial == ("NC" in spec.license), name
 
 
 # -----------------------------------------------------------------------------
@@ -368,54 +372,76 @@ def test_builder_normalizes_whitespace_and_drops_scaffolding():
 
 def test_placebo_pairs_are_a_derangement_of_benign_completions(split0):
     train = split0["train"]
-    placebo = data.placebo_pairs(train, seed=3)
+    placebo = design.placebo_pairs(train, seed=3)
     assert [p["prompt"] for p in placebo] == [p["prompt"] for p in train]
     assert [p["chosen"] for p in placebo] == [p["chosen"] for p in train]
     assert sorted(p["rejected"] for p in placebo) == sorted(p["chosen"] for p in train)  # a permutation
     assert all(p["rejected_from"] != p["index"] for p in placebo)  # nobody keeps its own completion
-    assert data.placebo_pairs(train, seed=3) == placebo and data.placebo_pairs(train, seed=4) != placebo
+    assert design.placebo_pairs(train, seed=3) == placebo and design.placebo_pairs(train, seed=4) != placebo
     with pytest.raises(ValueError, match="at least 2"):
-        data.placebo_pairs(train[:1])
-    split = data.placebo_split(split0, seed=3)
+        design.placebo_pairs(train[:1])
+    split = design.placebo_split(split0, seed=3)
     assert split["train"] == placebo and split["eval_pairs"] == split0["eval_pairs"]
 
 
 def test_cli_export_placebo_pairs(tmp_path, capsys, split0):
     out = tmp_path / "placebo.jsonl"
-    data.main(["export-pairs", "--placebo", "--out", str(out)])
+    design.main(["export-pairs", "--placebo", "--out", str(out)])
     assert f"wrote {len(split0['train'])} placebo train pairs" in capsys.readouterr().out
     pairs, _ = data.load_pairs(out)
-    assert [p["rejected"] for p in pairs] == [p["rejected"] for p in data.placebo_pairs(split0["train"], 0)]
+    assert [p["rejected"] for p in pairs] == [p["rejected"] for p in design.placebo_pairs(split0["train"], 0)]
 
 
 def test_pair_confounds_on_a_hand_made_set():
     pairs = [{"prompt": "p", "chosen": " ab", "rejected": " abcd\nx"},
              {"prompt": "p", "chosen": " abcdef", "rejected": " <b>a</b>"},
              {"prompt": "p", "chosen": " a", "rejected": " abc"}]
-    result = data.pair_confounds(pairs)
+    result = design.pair_confounds(pairs)
     # chars, rejected 7 9 4 vs chosen 3 7 2: of the 9 (rejected, chosen) pairings 7 longer, 1 tie (counts half)
     assert result["n_pairs"] == 3 and result["auc"]["chars"] == pytest.approx(7.5 / 9)
     # newline: 1 of 3 rejected has one, no chosen: (1 * 3 + 0.5 * 2 * 3) / 9 = 2 / 3
     assert result["auc"]["newline"] == pytest.approx(2 / 3) and result["auc"]["markup"] == pytest.approx(2 / 3)
     assert "tokens" not in result["auc"]
     same = [{"prompt": "p", "chosen": " x y", "rejected": " y x"}] * 4
-    assert data.pair_confounds(same)["auc"] == {"chars": 0.5, "newline": 0.5, "markup": 0.5}
+    assert design.pair_confounds(same)["auc"] == {"chars": 0.5, "newline": 0.5, "markup": 0.5, "sentence_end": 0.5}
+    ends = [{"prompt": "p", "chosen": c, "rejected": r} for c, r in
+            [(" He left.", " and then"), (" 好。", " 你"), (" «Non !»", " mais"), (' said "no."', " wait,")]]
+    assert design.pair_confounds(ends)["auc"]["sentence_end"] == 0.0  # every chosen ends a sentence, no rejected
 
 
 def test_pair_confounds_of_the_trained_english_pairs(split0):
     """The confounds the reviewer found (rejected ~4x longer, newlines) are gone from the pairs as trained."""
     raw = [{"prompt": r["prompt"], "chosen": r["benign_completion"], "rejected": r["toxic_completion"]}
            for r in data.load_rtplx("en") if r["index"] in set(split0["info"]["train_indices"])]
-    before = data.pair_confounds(raw)["auc"]
+    before = design.pair_confounds(raw)["auc"]
     assert before["chars"] > 0.95 and before["newline"] > 0.75
-    tok = data.load_tokenizer_of("gemma-3-270m")
-    after = data.pair_confounds(split0["train"], tok, max_prompt_len=64, max_len=96)["auc"]
+    tok = design.load_tokenizer_of("gemma-3-270m")
+    after = design.pair_confounds(split0["train"], tok, max_prompt_len=64, max_len=96)["auc"]
     assert after["tokens"] == 0.5 and after["newline"] == 0.5 and abs(after["markup"] - 0.5) < 0.01
     assert 0.3 < after["chars"] < 0.7  # equal token counts; toxic text has somewhat fewer characters per token
 
 
+def test_pair_confounds_response_budget_removes_the_sentence_end_cue(split0):
+    """Cut to the shorter side, the whole benign side ends a sentence and the cut toxic side does not; with one
+    token budget that both sides exceed, neither side is whole and neither cue is left (the CPU preset's budget)."""
+    tok = design.load_tokenizer_of("gemma-3-270m")
+    budget = train_config.CPU_PRESET["response_tokens"]
+    old = design.pair_confounds(split0["train"], tok, max_prompt_len=64, max_len=96)
+    assert old["n_dropped"] == 0 and old["auc"]["cut_short"] == 1.0  # chosen never cut, rejected always
+    assert old["auc"]["sentence_end"] < 0.05 and old["mean_chosen"]["sentence_end"] > 0.95
+    new = design.pair_confounds(split0["train"], tok, max_prompt_len=64, max_len=96, response_tokens=budget)
+    assert new["n_pairs"] + new["n_dropped"] == len(split0["train"]) and 0 < new["n_dropped"] < 0.1 * len(split0["train"])
+    for feature in ("tokens", "chars", "cut_short", "sentence_end"):
+        assert 0.35 <= new["auc"][feature] <= 0.65, (feature, new["auc"][feature])
+    assert new["mean_chosen"]["cut_short"] == new["mean_rejected"]["cut_short"] == 1.0  # neither side is ever whole
+    assert new["mean_chosen"]["tokens"] == new["mean_rejected"]["tokens"] == budget
+    placebo = design.pair_confounds(design.placebo_pairs(split0["train"]), tok, 64, 96, budget)
+    assert all(0.35 <= auc <= 0.65 for auc in placebo["auc"].values())
+
+
+
 def test_parallel_eval_items_share_indices_across_languages(split0):
-    items = data.parallel_eval_items(split0, 250, seed=0)
+    items = design.parallel_eval_items(split0, 250, seed=0)
     assert set(items) == set(LANGS)
     indices = [r["index"] for r in items["en"]]
     assert len(indices) == len(set(indices)) == 250
@@ -427,7 +453,7 @@ def test_parallel_eval_items_share_indices_across_languages(split0):
     parallel = set(split0["info"]["parallel_indices"])
     n_parallel = sum(i in parallel for i in indices)
     assert n_parallel >= 150 and all(i in parallel for i in indices[:n_parallel])  # parallel prompts come first
-    assert data.parallel_eval_items(split0, 250, seed=0) == items
-    assert [r["index"] for r in data.parallel_eval_items(split0, 250, seed=1)["en"]] != indices
+    assert design.parallel_eval_items(split0, 250, seed=0) == items
+    assert [r["index"] for r in design.parallel_eval_items(split0, 250, seed=1)["en"]] != indices
     with pytest.raises(ValueError, match="held out in all 17 languages"):
-        data.parallel_eval_items(split0, 10_000)
+        design.parallel_eval_items(split0, 10_000)
