@@ -3,10 +3,12 @@
 Intervals: bootstrap_ci (percentile bootstrap of a mean), wilson_interval (a binomial proportion), auc_ci (ROC
 AUC, bootstrap over items or groups). Tests: mcnemar_exact (paired binary outcomes), paired_bootstrap (paired
 means, optionally stratified), permutation_test (two group means), correlation_test / partial_correlation
-(permutation p-values), ratio_bootstrap / paired_ratio_bootstrap (ratios of sums, e.g. token-weighted
-perplexity). Agreement:
+(permutation p-values), sign_flip_test (exact paired test at small n), holm (multiple tests), fisher_ci (the
+interval of a correlation), paired_increase_bound (a non-inferiority bound), ratio_bootstrap /
+paired_ratio_bootstrap (ratios of sums, e.g. token-weighted perplexity). Agreement:
 cohen_kappa, roc_auc. Every p-value is two-sided and never 0 (resampling p-values count the observed data as
-one draw); format_p prints them.
+one draw); format_p prints them, a p at its test's floor as '< floor' (bootstrap_floor, permutation_floor,
+sign_flip_floor).
 """
 import itertools
 import math
@@ -224,6 +226,53 @@ def permutation_test(a, b, n_perm=10000, seed=0):
     return float((np.sum(diffs(sums) >= observed - 1e-12) + 1) / (n_perm + 1))
 
 
+def sign_flip_test(diffs, max_exact=16, n_draws=10000, seed=0):
+    """Two-sided p of mean(diffs) = 0 under random signs of the paired differences (the pairs' exchangeability):
+    exact over all 2^n sign patterns for n <= max_exact, else n_draws random patterns with the observed one
+    counted once. Small n cannot go below sign_flip_floor(n): 2 pairs give at best p = 0.5."""
+    diffs = np.asarray(diffs, dtype=np.float64)
+    if diffs.ndim != 1 or not len(diffs):
+        raise ValueError(f"sign-flip test needs a non-empty 1-D array of differences, got shape {diffs.shape}")
+    observed = abs(diffs.mean())
+    if len(diffs) <= max_exact:
+        signs = np.array(list(itertools.product((1.0, -1.0), repeat=len(diffs))))  # [2^n, n]
+        return float(np.mean(np.abs(signs @ diffs / len(diffs)) >= observed - 1e-12))
+    signs = np.random.default_rng(seed).choice((1.0, -1.0), size=(n_draws, len(diffs)))
+    return float((np.sum(np.abs(signs @ diffs / len(diffs)) >= observed - 1e-12) + 1) / (n_draws + 1))
+
+
+def holm(pvalues):
+    """Holm's step-down adjusted p-values (same order as given): the family-wise error stays below alpha when
+    each adjusted p is compared with alpha. The k-th smallest p is multiplied by (m - k + 1), kept monotone."""
+    order = np.argsort(pvalues, kind="stable")
+    adjusted, running = [0.0] * len(pvalues), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(pvalues) - rank) * pvalues[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+def fisher_ci(r, n, level=0.95):
+    """[lo, hi] of a Pearson r from n pairs by Fisher's z: tanh(atanh(r) -+ z / sqrt(n - 3)); [nan, nan] when
+    n <= 3 or r is not finite."""
+    if n <= 3 or r is None or not math.isfinite(r):
+        return [float("nan"), float("nan")]
+    centre, half = math.atanh(max(-0.999999, min(0.999999, r))), _z(level) / math.sqrt(n - 3)
+    return [math.tanh(centre - half), math.tanh(centre + half)]
+
+
+def paired_increase_bound(worse, better, n, level=0.95):
+    """One-sided upper `level` bound of the increase in a paired proportion, (worse - better) / n, by Agresti and
+    Min's adjusted Wald interval (half a count added to each cell): unlike the plain Wald bound it is not 0 when
+    no pair changed (0 of 960 changed -> 0.0017). worse/better: the discordant pairs each way."""
+    if n <= 0 or worse < 0 or better < 0 or worse + better > n:
+        raise ValueError(f"paired bound needs 0 <= worse + better <= n, n > 0; got {worse}, {better}, {n}")
+    w, b, m = worse + 0.5, better + 0.5, n + 2
+    diff = (w - b) / m
+    sd = math.sqrt(max(w + b - (w - b) ** 2 / m, 0.0)) / m
+    return diff + _z(2 * level - 1) * sd
+
+
 # ----------------------------------------------------------------------------- ratios of sums
 
 def ratio_bootstrap(num, den, n_boot=1000, seed=0):
@@ -262,10 +311,36 @@ def cohen_kappa(a, b):
     return float("nan") if p_e >= 1 else (p_o - p_e) / (1 - p_e)
 
 
-def format_p(p):
-    """A p-value for tables: '< 1e-4', '0.0004', '0.003', '0.021', '0.41'; 'n/a' for nan."""
+def bootstrap_floor(n_boot):
+    """The smallest p paired_bootstrap can return with n_boot draws: 2 / (n_boot + 1) (0.0002 at 10000)."""
+    return 2 / (n_boot + 1)
+
+
+def permutation_floor(permutations):
+    """The smallest p a random-permutation test with the observed draw counted can return: 1 / (P + 1)."""
+    return 1 / (permutations + 1)
+
+
+def sign_flip_floor(n):
+    """The smallest two-sided p an exact sign-flip test on n paired differences can reach: 2 / 2^n (0.5 at n=2).
+    A resampling p below it claims more than n pairs can show."""
+    return min(1.0, 2 / 2 ** n)
+
+
+def _round_up(x):
+    """x rounded up to one significant digit (0.00019998 -> 0.0002): the bound printed beside a floor."""
+    scale = 10 ** math.floor(math.log10(x))
+    return math.ceil(x / scale - 1e-9) * scale
+
+
+def format_p(p, floor=None):
+    """A p-value for tables: '< 1e-4', '0.0004', '0.003', '0.021', '0.41'; 'n/a' for nan. With floor (the
+    smallest p the test can return, e.g. bootstrap_floor(n_boot)), a p at the floor prints as '< 0.0002':
+    the test only says p is at most that, not that it equals it."""
     if p is None or math.isnan(p):
         return "n/a"
+    if floor is not None and p <= floor * (1 + 1e-9):
+        return f"< {_round_up(floor):.{max(0, -math.floor(math.log10(_round_up(floor))))}f}"
     if p < 1e-4:
         return "< 1e-4"
     if p < 1e-3:

@@ -119,3 +119,43 @@ def test_ratio_bootstraps_by_hand():
     with pytest.raises(ValueError, match="same items"):
         stats.paired_ratio_bootstrap(([1], [1]), ([1, 2], [1, 1]))
 
+
+
+def test_format_p_prints_a_floor_as_a_bound():
+    assert stats.format_p(2 / 10001, stats.bootstrap_floor(10000)) == "< 0.0002"
+    assert stats.format_p(2 / 1001, stats.bootstrap_floor(1000)) == "< 0.002"
+    assert stats.format_p(1 / 10001, stats.permutation_floor(10000)) == "< 0.0001"
+    assert stats.format_p(6 / 10001, stats.bootstrap_floor(10000)) == "0.0006"  # above the floor: the value
+    assert stats.format_p(0.5, stats.sign_flip_floor(2)) == "< 0.5"
+
+
+def test_sign_flip_test_exact_at_small_n():
+    assert stats.sign_flip_floor(2) == 0.5 and stats.sign_flip_floor(20) == pytest.approx(2 / 2 ** 20)
+    assert stats.sign_flip_test([0.3, 0.2]) == 0.5  # 2 of the 4 sign patterns reach |mean| 0.25
+    # 5 positive differences: only all + and all - reach the observed mean: 2 / 32
+    assert stats.sign_flip_test([1.0, 2.0, 1.5, 0.5, 1.0]) == pytest.approx(2 / 32)
+    assert stats.sign_flip_test([1.0, -1.0]) == 1.0
+    big = stats.sign_flip_test(np.ones(30), n_draws=999)
+    assert big == pytest.approx(1 / 1000, abs=2e-3)  # random patterns, the observed one counted
+    with pytest.raises(ValueError, match="non-empty"):
+        stats.sign_flip_test([])
+
+
+def test_holm_hand_values():
+    # sorted 0.01, 0.03, 0.04 -> 3*0.01, 2*0.03, max(0.06, 1*0.04)
+    assert stats.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert stats.holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])
+
+
+def test_fisher_ci_hand_values():
+    lo, hi = stats.fisher_ci(0.42, 16)  # atanh(0.42) = 0.4477, +- 1.96 / sqrt(13) = 0.5436
+    assert (lo, hi) == pytest.approx((math.tanh(0.4477 - 0.5436), math.tanh(0.4477 + 0.5436)), abs=1e-3)
+    assert all(math.isnan(x) for x in stats.fisher_ci(0.5, 3))
+
+
+def test_paired_increase_bound_is_not_zero_without_changes():
+    # Agresti-Min: w = b = 0.5, m = 962: 0 + 1.645 * sqrt(1) / 962
+    assert stats.paired_increase_bound(0, 0, 960) == pytest.approx(1.6449 / 962, rel=1e-3)
+    assert stats.paired_increase_bound(30, 0, 100) > 0.3 > stats.paired_increase_bound(0, 30, 100)
+    with pytest.raises(ValueError, match="worse \\+ better <= n"):
+        stats.paired_increase_bound(60, 60, 100)
