@@ -19,6 +19,7 @@ base model, a GGUF source's quantization, the base's terms of use and the caller
 """
 
 import argparse
+import os
 import re
 import time
 from pathlib import Path
@@ -29,21 +30,23 @@ import lora
 from checkpoint import (DEFAULT_MODEL, cache_dir, gguf_quantization, load_json_object, read_config, read_gguf,
                         read_hf_weights, resolve_checkpoint, write_hf_weights)
 from model import DTYPES, Transformer
-from report import exit_on_error, write_json, write_text
+from report import check_flags, check_outputs, exit_on_error, write_json, write_text
 from tokenizer import Tokenizer
 
 # -----------------------------------------------------------------------------
 # --device and --dtype, the same in every script
 
 
-def add_device_args(parser):
+def add_device_args(parser, fp32_because=None):
     """Add --device and --dtype to an argparse parser; pass the parsed values through resolve_dtype, which
-    refuses a device this machine does not have."""
+    refuses a device this machine does not have. fp32_because: --dtype defaults to fp32 on every device, for
+    this reason (a measuring instrument calibrated in fp32)."""
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu, cuda, cuda:N or mps (default: cuda when available)")
-    parser.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
-                        help="the dtype the model computes in (default: bf16 on CUDA, fp32 elsewhere); use fp32 "
-                        "on CPU: bf16 matmuls are far slower on most CPUs")
+    parser.add_argument("--dtype", default="fp32" if fp32_because else None, choices=["fp32", "bf16", "fp16"],
+                        help=f"the dtype the model computes in (default: fp32: {fp32_because})" if fp32_because else
+                        "the dtype the model computes in (default: bf16 on CUDA, fp32 elsewhere); use fp32 on CPU: "
+                        "bf16 matmuls are far slower on most CPUs")
 
 
 def resolve_device(device):
@@ -138,17 +141,19 @@ def load_model(name_or_path, device="cpu", dtype=torch.float32):
         provenance = [f"Weights dequantized from the GGUF file {path.name} ({quantization}) to "
                       f"{str(dtype).removeprefix('torch.')}: the quantized weights, not the original release's "
                       "(bf16) ones"]
-        generation = None
+        generation, card = None, {}
     else:
         hf_config = read_config(path)
         tensors = read_hf_weights(path, device=device, dtype=dtype)
         tokenizer = Tokenizer.from_dir(path)
-        provenance = read_provenance(path)
+        provenance, card = read_provenance(path), read_card_metadata(path)
         generation = load_json_object(path / "generation_config.json") if \
             (path / "generation_config.json").is_file() else None
     model = Transformer.from_hf(hf_config, tensors, source=str(path),
                                 config_source=str(path if path.suffix == ".gguf" else path / "config.json"))
     model.name_or_path, model.source, model.provenance = str(name_or_path), path, provenance
+    model.card = {"base_model": card.get("base_model") or hub_id(name_or_path), "licenses": card.get("licenses", []),
+                  "datasets": card.get("datasets", []), "tags": card.get("tags", [])}
     model.generation_config = generation  # held, not re-read: a run may replace its source directory (RUN/last)
     return model.eval(), tokenizer
 
@@ -182,20 +187,28 @@ def load_adapter_model(adapter_dir, device="cpu", dtype=torch.float32, base=None
         raise FileNotFoundError(f"{lora.adapter_files(adapter_dir)[0]}: base model {base!r} not found ({e}); "
                                 "pass the base model's path explicitly") from None
     lora.load_adapters(model, adapter_dir)
+    # The adapters' card says what they were trained on, under which license: the merged model keeps that.
+    trained = read_card_metadata(adapter_dir)
+    model.card = {**model.card, **{key: list(dict.fromkeys(model.card[key] + trained.get(key, [])))
+                                   for key in ("licenses", "datasets", "tags")}}
+    model.provenance = list(dict.fromkeys([*model.provenance, *(line for line in read_provenance(adapter_dir)
+                                                                 if not line.startswith("Base model:"))]))
     if merged:  # an ordinary checkpoint, trainable like any other load_model result
         lora.merge(model).requires_grad_(True)
-        model.provenance = [*model.provenance, f"LoRA adapters {adapter_dir} merged into the weights"]
+        model.provenance = [*model.provenance, f"LoRA adapters {shown(adapter_dir)} merged into the weights"]
     return model, tokenizer
 
 
-def save_model(model, tokenizer, out_dir, max_shard_bytes=None, notes=()):
+def save_model(model, tokenizer, out_dir, max_shard_bytes=None, **card):
     """Write an HF-format directory (config.json, safetensors weights, tokenizer, the source's
-    generation_config.json, a README.md model card with `notes` added) that both `load_model` and
-    transformers' `AutoModelForCausalLM.from_pretrained` read."""
+    generation_config.json, a README.md model card with `card`'s notes, datasets and tags added) that both
+    `load_model` and transformers' `AutoModelForCausalLM.from_pretrained` read."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous() for k, v in model.hf_state_dict().items()}
     write_hf_weights(out_dir, tensors, max_shard_bytes=max_shard_bytes)
+    for name in (lora.CONFIG_NAME, lora.WEIGHTS_NAME, lora.OWN_CONFIG_NAME, lora.OWN_WEIGHTS_NAME):
+        (out_dir / name).unlink(missing_ok=True)  # adapters left in the folder would load instead of these weights
     dtype = next(model.parameters()).dtype
     hf = {**model.config.to_hf(), "torch_dtype": str(dtype).removeprefix("torch."),
           "bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}
@@ -204,7 +217,7 @@ def save_model(model, tokenizer, out_dir, max_shard_bytes=None, notes=()):
     if getattr(model, "generation_config", None) is not None:
         # sampling defaults and stop tokens of instruction models live here, not in config.json
         write_json(out_dir / "generation_config.json", model.generation_config)
-    write_model_card(model, out_dir, notes)
+    write_model_card(model, out_dir, **card)
 
 
 # -----------------------------------------------------------------------------
@@ -215,6 +228,29 @@ GEMMA_TERMS = ("Gemma is provided under and subject to the Gemma Terms of Use fo
                "https://ai.google.dev/gemma/terms. This checkpoint is a Model Derivative of Gemma: its use must "
                "follow those terms, including the Gemma Prohibited Use Policy (https://ai.google.dev/gemma/"
                "prohibited_use_policy).")
+# The hub repository of the release the embedded base model was quantized from, for the card's base_model.
+HUB_IDS = {DEFAULT_MODEL: "google/gemma-3-270m"}
+# What the hub's `license` field holds for a card naming several licenses (the hub takes one id or "other").
+LICENSE_JOIN = "-and-"
+
+
+def hub_id(name_or_path):
+    """The hub id a card's base_model names: the embedded model's release, a hub id as given, else None (a local
+    path is no id)."""
+    name = str(name_or_path)
+    if name in HUB_IDS:
+        return HUB_IDS[name]
+    return name if re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not Path(name).exists() else None
+
+
+def shown(path):
+    """A path as a model card prints it: relative to the working folder when inside it, else its last two parts;
+    never a machine's absolute path (a card travels with the weights)."""
+    path = str(path)
+    if not os.path.isabs(path):
+        return path
+    relative = os.path.relpath(path)
+    return relative if not relative.startswith("..") else os.path.join(*Path(path).parts[-2:])
 
 
 def read_provenance(model_dir):
@@ -228,11 +264,54 @@ def read_provenance(model_dir):
     return [line[2:].strip() for line in section.splitlines() if line.startswith("- ")]
 
 
-def write_model_card(model, out_dir, notes=()):
-    """README.md: the base model, what happened to its weights (lines carried over from the source's card, then
-    the caller's `notes`, e.g. the training data and its license), and the base model's terms of use."""
+def read_card_metadata(model_dir):
+    """{base_model, licenses, datasets, tags} from the YAML block that write_model_card puts at the top of
+    README.md; {} when there is none. Only the flat keys and lists that block holds are read."""
+    card = Path(model_dir) / "README.md"
+    text = card.read_text(encoding="utf-8", errors="replace") if card.is_file() else ""
+    if not text.startswith("---\n") or "\n---\n" not in text[3:]:
+        return {}
+    fields, key = {}, None
+    for line in text[4:text.index("\n---\n", 3)].splitlines():
+        if line.startswith("- ") and key:
+            fields.setdefault(key, []).append(line[2:].strip())
+        elif ":" in line:
+            key, value = (part.strip() for part in line.split(":", 1))
+            if value:
+                fields[key] = value
+    named = fields.get("license_name") if fields.get("license") == "other" else fields.get("license")
+    return {"base_model": fields.get("base_model"), "licenses": named.split(LICENSE_JOIN) if named else [],
+            "datasets": fields.get("datasets", []), "tags": fields.get("tags", [])}
+
+
+def card_metadata(model, datasets, tags):
+    """The YAML block model hubs read (license, base_model, datasets, tags): the base model's license and that of
+    every dataset the weights were trained on, those of the source checkpoint carried over."""
+    card = getattr(model, "card", {})
+    family = model.config.family
+    licenses = list(dict.fromkeys([*card.get("licenses", []), *(["gemma"] if family.startswith("gemma") else []),
+                                   *datasets.values()]))
+    lines = ["---", *([f"license: {licenses[0]}"] if len(licenses) == 1 else
+                      ["license: other", f"license_name: {LICENSE_JOIN.join(licenses)}"] if licenses else [])]
+    if "gemma" in licenses:
+        lines.append("license_link: https://ai.google.dev/gemma/terms")
+    if card.get("base_model"):
+        lines.append(f"base_model: {card['base_model']}")
+    for key, values in (("datasets", [*card.get("datasets", []), *datasets]),
+                        ("tags", [*card.get("tags", []), family, *(["lora"] if lora.lora_layers(model) else []),
+                                  *tags])):
+        if values:
+            lines += [f"{key}:", *(f"- {value}" for value in dict.fromkeys(values))]
+    return lines + ["---"]
+
+
+def write_model_card(model, out_dir, notes=(), datasets=None, tags=()):
+    """README.md: the metadata block hubs read (card_metadata), the base model, what happened to its weights
+    (lines carried over from the source's card, then the caller's `notes`, e.g. the training data and its
+    license), and the base model's terms of use. datasets: {dataset id: license id} the weights were trained
+    on; tags: hub tags to add."""
     base = getattr(model, "name_or_path", None) or "unknown (not loaded through loading.load_model)"
-    lines = dict.fromkeys([f"Base model: {base}", *getattr(model, "provenance", []), *notes])  # ordered, unique
+    lines = dict.fromkeys([f"Base model: {shown(base)}", *getattr(model, "provenance", []), *notes])  # ordered, unique
     bullets = ["- " + re.sub(r"\s+", " ", line) for line in lines]  # one line each, so read_provenance reads them
     family = model.config.family
     if lora.lora_layers(model):
@@ -244,7 +323,8 @@ def write_model_card(model, out_dir, notes=()):
                 "transformers' AutoModelForCausalLM and loading.load_model read it")
     terms = GEMMA_TERMS if family.startswith("gemma") else "The base model's license and terms of use apply."
     write_text(Path(out_dir) / "README.md", "\n".join([
-        "# Model card", "", f"{what}. Written by this repository's loading.py.", "",
+        *card_metadata(model, datasets or {}, tags), "", "# Model card", "",
+        f"{what}. Written by this repository's loading.py.", "",
         PROVENANCE_HEADING, "", *bullets, "", "## Terms of use", "", terms, ""]))
 
 
@@ -252,13 +332,26 @@ def write_model_card(model, out_dir, notes=()):
 # CLI: inspect a checkpoint, convert it, export adapters
 
 
+def model_inputs(model, base=None):
+    """(what, path) of every folder or file a model name reads, for report.check_outputs: the model, an adapter
+    directory's base models down to the bottom one, and --base."""
+    inputs = [("the model", model), ("--base", base)]
+    while model and lora.is_adapter_dir(model):  # adapter_base refuses a cycle, so this ends
+        model, base = base or adapter_base(model), None
+        inputs.append(("the adapters' base model", model))
+    return inputs
+
+
 def info(args):
     """Print the architecture and parameter count, then time one forward pass of random tokens."""
+    check_flags(args, {"batch": 1, "seq": 1})
     dtype = resolve_dtype(args.device, args.dtype)
     t0 = time.perf_counter()
     model, _ = load_model(args.model, device=args.device, dtype=dtype)
     load_s = time.perf_counter() - t0
     cfg = model.config
+    if args.seq > cfg.max_seq_len:
+        raise ValueError(f"--seq {args.seq} is longer than the context of {args.model} ({cfg.max_seq_len} tokens)")
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{args.model}: {cfg.family}, {n_params / 1e6:.1f}M parameters, {cfg.n_layers} layers, d_model "
           f"{cfg.d_model}, vocab {cfg.vocab_size}, {dtype}; loaded in {load_s:.1f}s")
@@ -276,6 +369,7 @@ def info(args):
 def convert(args):
     """Load anything load_model reads and write it as one HF-format checkpoint, in the dtype it was loaded in."""
     dtype = resolve_dtype(args.device, args.dtype)
+    check_outputs([], model_inputs(args.model, args.base), folders=[("--out", args.out)])
     if lora.is_adapter_dir(args.model):
         model, tokenizer = load_adapter_model(args.model, device=args.device, dtype=dtype, base=args.base)
     else:
@@ -286,6 +380,7 @@ def convert(args):
 
 def peft(args):
     """Rewrite an adapter directory of ours in PEFT's LoRA format."""
+    check_outputs([], model_inputs(args.adapters, args.base), folders=[("--out", args.out)])
     model, _ = load_adapter_model(args.adapters, base=args.base, merged=False)
     lora.save_peft_adapters(model, args.out, model.name_or_path)
     print(f"wrote {args.adapters} in PEFT's format to {args.out}")

@@ -55,6 +55,11 @@ def check_flags(args, minimums=None, positive=()):
             raise ValueError(f"{flag(dest)} must be a finite number > 0, got {value}")
 
 
+def settings_of(args):
+    """The parsed flags as recorded in a result's "settings" (without the subcommand and its function)."""
+    return {k: v for k, v in vars(args).items() if k not in ("command", "run")}
+
+
 # ----------------------------------------------------------------------------- files
 
 def _new_file_mode(path):
@@ -94,6 +99,18 @@ def atomic_write(path, write, mode="wb"):
         raise
 
 
+def _open_lock(lock_path):
+    """A descriptor of PATH.lock, never through a symlink: one planted there would have the pid written into the
+    file it points at (the lock-file attack), so a lock path that is a link is refused, not followed."""
+    try:
+        return os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+    except OSError as e:
+        if os.path.islink(lock_path):
+            raise OSError(e.errno, "is a symbolic link; a lock file must be a plain file (remove the link)",
+                          lock_path) from None
+        raise
+
+
 @contextlib.contextmanager
 def exclusive(path):
     """Hold a lock on PATH for the body: `with exclusive(out): ...append to out...`. A second process (or a
@@ -106,7 +123,7 @@ def exclusive(path):
     lock_path = f"{path}.lock"
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     while True:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+        fd = _open_lock(lock_path)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -129,6 +146,57 @@ def exclusive(path):
         with contextlib.suppress(FileNotFoundError):  # someone deleted it by hand
             os.unlink(lock_path)  # before the release: whoever opened it meanwhile sees it gone and retries
         os.close(fd)
+
+
+def _identity(path):
+    """Device and inode of an existing file or folder (so links and other spellings compare equal), else the
+    absolute path it would be created at."""
+    if os.path.exists(path):
+        st = os.stat(path)
+        return st.st_dev, st.st_ino
+    return os.path.realpath(path)
+
+
+def _inputs_taken(inputs):
+    """({identity: 'WHAT PATH'} of every input file, including each file of an input folder such as a model or
+    adapter directory; [(real path, 'WHAT PATH')] of the input folders)."""
+    taken, folders = {}, []
+    for what, path in inputs:
+        if path is None or not os.path.exists(path):
+            continue  # a hub id, an embedded model name, or a file the command will report missing
+        taken[_identity(path)] = f"{what} {path}"
+        if os.path.isdir(path):
+            folders.append((os.path.realpath(path), f"{what} {path}"))
+            for inner, _, names in os.walk(path):
+                taken.update({_identity(os.path.join(inner, n)): f"{what} {path}" for n in names})
+    return taken, folders
+
+
+def check_outputs(outputs, inputs, folders=()):
+    """Refuse, before anything is written, an output that is an input, a file of an input folder (a model, an
+    adapter directory), inside an input folder, or another output; and a file output that is an existing folder
+    or a folder output that is an existing file. The one guard of every writing command.
+
+    outputs: (what, path) pairs of files to write; folders: (what, path) pairs of folders to write into;
+    inputs: (what, path) pairs of files or folders read. `what` names the flag or the role in the message; a
+    path of None is skipped."""
+    taken, input_folders = _inputs_taken(inputs)
+    for (what, path), is_folder in [*((o, False) for o in outputs), *((f, True) for f in folders)]:
+        if path is None:
+            continue
+        if not is_folder and os.path.isdir(path):
+            raise ValueError(f"{what} {path}: is a folder; give a file path")
+        if is_folder and os.path.isfile(path):
+            raise ValueError(f"{what} {path}: is a file; give a folder")
+        identity = _identity(path)
+        if identity in taken:
+            raise ValueError(f"{what} {path} is also {taken[identity]}: refusing to overwrite it")
+        real = os.path.realpath(path)
+        for folder, owner in input_folders:
+            if real.startswith(folder + os.sep):
+                raise ValueError(f"{what} {path} is inside the input folder {owner}: refusing to write into it; "
+                                 "give a path outside it")
+        taken[identity] = f"{what} {path}"
 
 
 def write_text(path, text):
@@ -295,18 +363,20 @@ def _ticks(values, include_zero=True, pad=0.0):
 
 # ----------------------------------------------------------------------------- charts
 
-def bar_chart_svg(categories, series, title, ylabel):
+def bar_chart_svg(categories, series, title, ylabel, errors=None):
     """Grouped bar chart: one group per category, one coloured bar per series (dict name -> values).
-    Missing/NaN values leave a gap. Each bar carries a <title> tooltip with its exact value."""
-    names = list(series)
+    Missing/NaN values leave a gap. Each bar carries a <title> tooltip with its exact value. errors: optional
+    {series name: [(lo, hi) or None per category]}, drawn as an interval (whisker with caps) on each bar."""
+    names, errors = list(series), errors or {}
     for name in names:
-        if len(series[name]) != len(categories):
+        if len(series[name]) != len(categories) or len(errors.get(name, categories)) != len(categories):
             raise ValueError(f"bar_chart_svg: series {name!r} has {len(series[name])} values, "
                              f"expected {len(categories)}")
     rotate = any(len(str(c)) > 6 for c in categories)
     group_w = max(36, 14 * len(names) + 16)
+    ends = [x for n in names for ci in errors.get(n, []) if ci for x in ci]
     frame = _Frame(70 + 20 + group_w * max(len(categories), 1) + 10, title, "", ylabel,
-                   _ticks([v for n in names for v in series[n]]), bottom=110 if rotate else 60)
+                   _ticks([v for n in names for v in series[n]] + ends), bottom=110 if rotate else 60)
     frame.axes()
     bar_w = (group_w - 12) / max(len(names), 1)
     base = frame.py(0.0)  # bars grow from zero (the y range always includes it), up or down
@@ -321,6 +391,9 @@ def bar_chart_svg(categories, series, title, ylabel):
             frame.parts.append(
                 f'<rect x="{gx + 6 + si * bar_w:.1f}" y="{top:.1f}" width="{bar_w - 1:.1f}" height="{height:.1f}" '
                 f'fill="{PALETTE[si % len(PALETTE)]}"><title>{escape(f"{name} {cat}: {v:.4g}")}</title></rect>')
+            interval = errors[name][ci] if name in errors else None
+            if interval and all(x is not None and math.isfinite(x) for x in interval):
+                frame.parts.append(_whisker(gx + 6 + si * bar_w + (bar_w - 1) / 2, *map(frame.py, interval)))
         cx, cy = gx + group_w / 2, frame.top + frame.plot_h + 18
         if rotate:
             frame.parts.append(_text(cx, cy, cat, size=12, anchor="end", rotate=-45))
@@ -328,6 +401,12 @@ def bar_chart_svg(categories, series, title, ylabel):
             frame.parts.append(_text(cx, cy, cat, size=12))
     frame.legend(names)
     return frame.svg()
+
+
+def _whisker(x, y_lo, y_hi, cap=3):
+    """An interval drawn at x from y_lo to y_hi (pixels), with short caps at both ends."""
+    return (f'<path d="M{x - cap:.1f},{y_lo:.1f}H{x + cap:.1f}M{x:.1f},{y_lo:.1f}V{y_hi:.1f}M{x - cap:.1f},'
+            f'{y_hi:.1f}H{x + cap:.1f}" stroke="#000" stroke-width="1" fill="none" class="interval"/>')
 
 
 def line_chart_svg(x, series, title, xlabel, ylabel):
@@ -407,6 +486,7 @@ def main(argv=None):
     p.add_argument("--columns", nargs="+", metavar="COL",
                    help="columns to show, in order (default: all numeric columns of the first row)")
     args = p.parse_args(argv)
+    check_outputs([("--svg", args.svg)], [("the metrics file", args.json_file)])
     with open(args.json_file, encoding="utf-8") as f:
         table = json.load(f)
     for key in args.select.split(".") if args.select else []:

@@ -19,6 +19,7 @@ import json
 import math
 import os
 import random
+import re
 import resource
 import shutil
 import sys
@@ -28,7 +29,7 @@ import torch
 
 import lora
 from dpo import collate, compute_logps
-from loading import load_adapter_model, load_model, save_model, write_model_card
+from loading import load_adapter_model, load_model, save_model, shown, write_model_card
 from report import atomic_write, write_json, write_text
 
 # -----------------------------------------------------------------------------
@@ -113,9 +114,9 @@ def read_run_config(run_dir):
         raise ValueError(f"{path}: unreadable run config ({e})") from None
 
 
-def save_checkpoint(model, tokenizer, path, state=None, notes=()):
-    """Write model (its LoRA adapters alone, if it has any), its model card with `notes` (the training data and
-    its license) and resume state to a temp dir, then rename it into place. A crash leaves either the old or
+def save_checkpoint(model, tokenizer, path, state=None, card=None):
+    """Write model (its LoRA adapters alone, if it has any), its model card with `card` (training_card: the
+    training data and its license) and resume state to a temp dir, then rename it into place. A crash leaves either the old or
     the new directory: a directory cannot be os.replace'd over a non-empty one, so the old one is first moved
     aside to .NAME.old, which `find_checkpoint` falls back to if the crash hit between the renames."""
     path = Path(path)
@@ -123,11 +124,11 @@ def save_checkpoint(model, tokenizer, path, state=None, notes=()):
     shutil.rmtree(tmp, ignore_errors=True)
     if lora.lora_layers(model):
         lora.save_adapters(model, tmp, model.name_or_path)
-        write_model_card(model, tmp, notes)
+        write_model_card(model, tmp, **(card or {}))
     else:
-        save_model(model, tokenizer, tmp, notes=notes)
-    if state is not None:
-        torch.save(state, tmp / "state.pt")
+        save_model(model, tokenizer, tmp, **(card or {}))
+    if state is not None:  # through atomic_write, a full disk is an OSError naming the file, not a torch error
+        atomic_write(tmp / "state.pt", lambda f: torch.save(state, f))
     if path.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.replace(path, old)
@@ -229,14 +230,22 @@ class MetricsLog:
         lines = []
         if resume_step is not None and self.path.exists():
             # a killed run may have logged past its last checkpoint: those steps will be redone
-            lines = [line for line in self.path.read_text().splitlines()
-                     if line.strip() and json.loads(line)["step"] <= resume_step]
+            lines = [line for line in self.path.read_text().splitlines() if logged_step(line) <= resume_step]
         write_text(self.path, "".join(line + "\n" for line in lines))
 
     def write(self, record):
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+
+
+def logged_step(line):
+    """The step of a metrics.jsonl line; infinity for a blank line or one a full disk or a crash cut short, so a
+    resume drops it with the steps it will redo."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def peak_memory_mb(device):
@@ -248,18 +257,38 @@ def peak_memory_mb(device):
 
 def data_records(cfg, train_pairs, valid_pairs):
     """What RUN/data.json records of the pairs (pairs_record), with the file each split came from."""
-    default = "the default English RTP-LX split (data.default_split)"
+    default = "the default English RTP-LX split (design.default_split)"
     return {"train": pairs_record(cfg.data or default, train_pairs),
             "valid": pairs_record(cfg.valid_data or cfg.data or default, valid_pairs)}
 
 
-def training_notes(cfg):
-    """The model card lines of a run's checkpoints: how they were trained, and on what, under which license."""
-    if cfg.data is None:
-        data = ("English RTP-LX (prompt, benign, toxic) pairs. RTP-LX is licensed CC BY-NC 4.0: this model is for "
-                "non-commercial use only")
+# The card metadata of RTP-LX, the data of the default split: its hub-style id and license (CC BY-NC 4.0).
+RTPLX = {"microsoft/RTP-LX": "cc-by-nc-4.0"}
+RTPLX_NOTE = "RTP-LX is licensed CC BY-NC 4.0: this model is for non-commercial use only"
+
+
+def references_rtplx(pairs_path):
+    """Whether a pairs file (or folder of them) holds RTP-LX text references, as data.write_toxicity_pairwise
+    writes the RTP-LX pairs (reproduce.py's, design.py export-pairs'): then the pairs are RTP-LX's, license
+    included."""
+    path = Path(pairs_path)
+    files = sorted(path.glob("*.jsonl")) if path.is_dir() else [path] if path.is_file() else []
+    pattern = re.compile(rb'"ref":\s*"rtp-lx/')
+    return any(pattern.search(f.read_bytes()) for f in files)
+
+
+def training_card(cfg):
+    """What the model card of a run's checkpoints adds (loading.write_model_card's notes, datasets, tags): how
+    they were trained, and on what, under which license. No absolute paths: a card travels with the weights."""
+    files = [f for f in (cfg.data, cfg.valid_data) if f]
+    rtplx = not files or any(references_rtplx(f) for f in files)
+    if not files:
+        data = f"English RTP-LX (prompt, benign, toxic) pairs. {RTPLX_NOTE}"
     else:
-        data = (f"the preference pairs of {cfg.data}" + (f" (validation: {cfg.valid_data})" if cfg.valid_data
-                                                         else "") + "; their license applies to this model")
+        data = (f"the preference pairs of {shown(cfg.data)}" + (f" (validation: {shown(cfg.valid_data)})"
+                                                                if cfg.valid_data else "")
+                + (f", built from English RTP-LX. {RTPLX_NOTE}" if rtplx
+                   else "; their license applies to this model"))
     how = f"LoRA rank {cfg.lora_rank}" if cfg.lora_rank else "all weights"
-    return [f"Fine-tuned with DPO (train_dpo.py; beta {cfg.beta}, lr {cfg.lr}, {how}) on {data}"]
+    return {"notes": [f"Fine-tuned with DPO (train_dpo.py; beta {cfg.beta}, lr {cfg.lr}, {how}) on {data}"],
+            "datasets": RTPLX if rtplx else {}, "tags": ["dpo", "detoxification"]}

@@ -10,6 +10,7 @@ names) and a `fingerprint` (stored with every cached score, so a changed scorer 
 evaluate.py scores generations with them and probe.py scores interventions; make_scorer builds one by name.
 """
 import hashlib
+import http.client
 import json
 import os
 import re
@@ -23,10 +24,14 @@ from pathlib import Path
 from tqdm import tqdm
 
 import judge
-from data import DATA_DIR, LANGS, iter_jsonl, lang_from_path
+from data import LANGS, REPO_DATA, iter_jsonl, lang_from_path
+from data import path as data_path
 from report import exclusive
 
-WORDLIST_DIR = DATA_DIR / "wordlists"
+WORDLIST_DIR = data_path("ldnoobw").parent  # wordlists/ under the data root: ldnoobw/, id-abusive/
+# The hand-made supplement is the project's own work, kept in the repo; a folder given instead of WORDLIST_DIR
+# brings its own supplement.json.
+SUPPLEMENT = REPO_DATA / "wordlists" / "supplement.json"
 TOXIC_THRESHOLD = 0.5  # every scorer's scale: a text "is toxic" at score >= 0.5 (ToxProb, agreement labels)
 
 # Scripts written without spaces between words: word boundaries do not exist, so terms match as substrings.
@@ -75,7 +80,7 @@ def read_wordlist_files(lang, root=WORDLIST_DIR):
         lines = abusive.read_text(encoding="utf-8").splitlines()
         terms += lines[1:] if lines and lines[0].strip().upper() == "ABUSIVE" else lines
     stems = []
-    supplement = root / "supplement.json"
+    supplement = SUPPLEMENT if root == WORDLIST_DIR else root / "supplement.json"
     if supplement.exists():
         try:
             stems = json.loads(supplement.read_text(encoding="utf-8"))["terms"].get(lang, [])
@@ -180,8 +185,9 @@ class LexiconScorer:
 PERSPECTIVE_URL = "https://commentanalyzer.googleapis.com"
 
 
-class PerspectiveError(RuntimeError):
-    pass
+class PerspectiveError(OSError):
+    """The API refused a text, kept failing, or replied with no score. An OSError (a service that failed, like a
+    file that could not be read), so a script ends with its one-line message, not a traceback."""
 
 
 def cache_key(lang, text):
@@ -278,8 +284,8 @@ class PerspectiveScorer:
                     continue
                 raise PerspectiveError(f"perspective: text {index} (lang {lang}) rejected: HTTP {e.code}: "
                                        f"{detail}") from None
-            except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
-                last_error = f"network error: {getattr(e, 'reason', e)}"
+            except (OSError, http.client.HTTPException) as e:  # URLError, timeouts, resets; a reply cut short
+                last_error = f"network error: {getattr(e, 'reason', None) or f'{type(e).__name__}: {e}'}"
                 continue
             return self._parse(reply, index, lang)
         raise PerspectiveError(f"perspective: text {index} (lang {lang}) failed after {self.max_tries} tries: "

@@ -123,7 +123,7 @@ CASES = [
     pytest.param(["margins", "--policy", "x", "--out", "o", "--beta", "inf"], r"--beta must be a finite number > 0",
                  id="margins-beta-inf"),
     pytest.param(["margins", "--policy", "x", "--out", "o", "--max-len", "64"],
-                 r"--max-len \(64\) must be > --max-prompt-len \(64\)", id="margins-max-len"),
+                 r"--max-len \(64\) must exceed --max-prompt-len \(64\)", id="margins-max-len"),
     pytest.param(["margins", "--policy", "x", "--out", "o", "--langs", "xx"], r"--langs: unknown language xx",
                  id="margins-unknown-lang"),
     pytest.param(["margins", "--policy", "run/best", "--out", "o"],

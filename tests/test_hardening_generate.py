@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 import data
+import design
 import generate as G
 import report
 from hardening import ROOT, assert_one_line_error, cli, refused
@@ -52,12 +53,13 @@ def on_a_finished_run(corrupt):
     return setup
 
 
-def data_py(*argv, files=()):
-    """A row: data.py ARGV after writing `files` {name: bytes} into the temp folder ({tmp} in argv)."""
+def data_py(*argv, files=(), main=data.main):
+    """A row: data.py ARGV (design.py's with main=design.main) after writing `files` {name: bytes} into the temp
+    folder ({tmp} in argv)."""
     def setup(tmp):
         for name, content in dict(files).items():
             (tmp / name).write_bytes(content)
-        return data.main, [str(a).format(tmp=tmp) for a in argv], [tmp / name for name in dict(files)]
+        return main, [str(a).format(tmp=tmp) for a in argv], [tmp / name for name in dict(files)]
     return setup
 
 
@@ -125,7 +127,7 @@ CATALOGUE = [
     pytest.param(generate_with("--model", "ai-forever/mGPT"), r"ai-forever/mGPT", id="hub-id-offline"),
     # the output and its settings file
     pytest.param(lambda tmp: (G.main, ["--prompts", prompts(tmp), "--out", tmp, *FAST], []),
-                 r"--out .* is a directory", id="out-is-a-folder"),
+                 r"--out .*: is a folder; give a file path", id="out-is-a-folder"),
     pytest.param(on_a_finished_run(lambda out, meta: meta.write_text("{not json")),
                  r"out\.jsonl\.meta\.json: not valid JSON", id="corrupt-settings-file"),
     pytest.param(on_a_finished_run(lambda out, meta: meta.write_text("[1, 2]")),
@@ -150,8 +152,8 @@ CATALOGUE = [
     pytest.param(data_py("check-pairs", "{tmp}/none.jsonl"), r"none\.jsonl: no such file", id="data-pairs-missing"),
     pytest.param(data_py("check-pairs", "{tmp}", files={"notes.txt": b"x"}), r"directory has no \.jsonl files",
                  id="data-pairs-folder-empty"),
-    pytest.param(data_py("split", "--n-valid", "-1"), r"--n-valid must be >= 0, got -1", id="data-negative-size"),
-    pytest.param(data_py("confounds", "--tokenizer", MODEL, "--max-len", "8", "--max-prompt-len", "8"),
+    pytest.param(data_py("split", "--n-valid", "-1", main=design.main), r"--n-valid must be >= 0, got -1", id="data-negative-size"),
+    pytest.param(data_py("confounds", "--tokenizer", MODEL, "--max-len", "8", "--max-prompt-len", "8", main=design.main),
                  r"--max-len \(8\) must exceed --max-prompt-len \(8\)", id="data-confounds-no-room"),
 ]
 

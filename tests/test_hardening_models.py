@@ -274,11 +274,13 @@ def test_saved_checkpoint_keeps_chat_template_generation_config_and_card(tmp_pat
     assert json.loads((saved / "generation_config.json").read_text()) == \
         json.loads((src / "generation_config.json").read_text())
     card = (saved / "README.md").read_text()
-    assert f"- Base model: {src}" in card and "Gemma Terms of Use" in card and "CC BY-NC 4.0" in card
+    shown = loading.shown  # no absolute paths in a card: relative to the working folder, else the last two parts
+    assert f"- Base model: {shown(src)}" in card and "Gemma Terms of Use" in card and "CC BY-NC 4.0" in card
     again, tok_again = loading.load_model(saved)  # the card's lines carry over to a checkpoint saved from it
     loading.save_model(again, tok_again, tmp_path / "again")
     card = (tmp_path / "again" / "README.md").read_text()
-    assert f"- Base model: {saved}" in card and f"- Base model: {src}" in card and "CC BY-NC 4.0" in card
+    assert f"- Base model: {shown(saved)}" in card and f"- Base model: {shown(src)}" in card and "CC BY-NC 4.0" in card
+    assert str(tmp_path) not in card and "license: gemma" in card.split("\n---\n")[0]
 
 
 def test_gguf_checkpoint_card_says_the_weights_are_dequantized(tmp_path):
@@ -290,10 +292,10 @@ def test_gguf_checkpoint_card_says_the_weights_are_dequantized(tmp_path):
 
 
 def test_training_notes_name_the_data_license():
-    assert "CC BY-NC 4.0: this model is for non-commercial use only" in runstate.training_notes(
-        train_config.TrainConfig())[0]
-    assert "pairs.jsonl; their license applies" in runstate.training_notes(
-        train_config.TrainConfig(data="pairs.jsonl"))[0]
+    assert "CC BY-NC 4.0: this model is for non-commercial use only" in runstate.training_card(
+        train_config.TrainConfig())["notes"][0]
+    assert "pairs.jsonl; their license applies" in runstate.training_card(
+        train_config.TrainConfig(data="pairs.jsonl"))["notes"][0]
 
 
 def test_run_checkpoints_carry_card_and_data_record(tmp_path):
@@ -304,7 +306,7 @@ def test_run_checkpoints_carry_card_and_data_record(tmp_path):
                     "--device", "cpu", "--valid-frac", "0.2", "--lora-rank", "2"])
     for name in ("best", "last"):
         card = (out / name / "README.md").read_text()
-        assert f"Base model: {TINY}" in card and "pairs.jsonl; their license applies" in card
+        assert f"Base model: {loading.shown(TINY)}" in card and "pairs.jsonl; their license applies" in card
         config = json.loads((out / name / lora.CONFIG_NAME).read_text())  # PEFT's schema: peft loads it as is
         assert config["peft_type"] == "LORA" and config["base_model_name_or_path"] == str(TINY.resolve())
     record = json.loads((out / "data.json").read_text())

@@ -100,3 +100,13 @@ def test_cli_renders_table_and_chart(tmp_path, capsys):
     assert "| en | 0.125 |" in capsys.readouterr().out
     with pytest.raises(ValueError, match="no field 'after'"):
         report.main([str(src), "--select", "after"])
+
+
+def test_bar_chart_draws_intervals():
+    svg = report.bar_chart_svg(["en", "de"], {"before": [0.5, 0.4]}, "t", "y",
+                               errors={"before": [(0.4, 0.6), None]})
+    root = ET.fromstring(svg)
+    whiskers = [e for e in root.iter(f"{SVG}path") if e.get("class") == "interval"]
+    assert len(whiskers) == 1  # the bar without an interval gets none
+    with pytest.raises(ValueError, match="expected 2"):
+        report.bar_chart_svg(["en", "de"], {"x": [1.0, 2.0]}, "t", "y", errors={"x": [(0, 1)]})
