@@ -815,16 +815,28 @@ def check_tensors(expected, tensors, source):
                              f"config implies {tuple(shape)}")
 
 
+class _Stop(Exception):
+    """Raised by a hook once every hook point a pooling pass needs has fired: the rest of the model never runs."""
+
+
+def rms_normalize(x):
+    """Scale each feature vector to unit RMS. A no-bias linear probe's decisions (sign of w.x) are unchanged
+    by a positive rescaling of x, and it keeps Adam well-conditioned when residual norms are in the
+    hundreds (Gemma), while leaving w in residual-stream coordinates, where it is compared to value vectors."""
+    return x / x.pow(2).mean(-1, keepdim=True).sqrt().clamp(min=1e-6)
+
+
 @torch.no_grad()
 def pooled_activations(model, tokenizer, texts, names, batch_size=16, max_len=None, device="cpu", skip_bos=False,
-                       progress=None):
-    """{hook_name: [N, d] float32 on CPU}: each text's activation at the named hook points, averaged over its
-    real tokens. Pooling happens inside the hooks, so no layer's [B, T, d] activations outlive its block, and
-    the forward stops before the LM head. skip_bos leaves BOS out of the mean: it carries a large,
-    text-independent activation in most models. Texts are batched by length, returned in input order."""
+                       progress=None, poolings=("mean",)):
+    """{pooling: {hook_name: [N, d] float32 on CPU}}: each text's activation at the named hook points, averaged
+    over its real tokens ("mean") and/or taken at its last token ("last"). Pooling happens inside the hooks, so
+    no layer's [B, T, d] activations outlive its block, and the forward stops once every named hook point has
+    fired. skip_bos leaves BOS out of the mean: it carries a large, text-independent activation in most models.
+    Texts are truncated to max_len tokens (BOS included), batched by length, returned in input order."""
     ids = [x[:max_len] for x in tokenizer.encode_batch(list(texts))]
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
-    pooled = {name: [] for name in names}
+    pooled = {p: {name: [] for name in names} for p in poolings}
     for start in tqdm(range(0, len(order), batch_size), desc=progress, leave=False, disable=progress is None):
         input_ids, mask = tokenizer.pad([ids[i] for i in order[start:start + batch_size]], side="right")
         keep = mask.float()
@@ -832,15 +844,27 @@ def pooled_activations(model, tokenizer, texts, names, batch_size=16, max_len=No
             keep[:, 0] = 0.0
             keep[keep.sum(-1) == 0, 0] = 1.0  # a text that is only BOS still gets a vector
         weights = (keep / keep.sum(-1, keepdim=True))[..., None].to(device)  # [B, T, 1]
+        last = (mask.sum(-1) - 1).to(device)  # [B], right padding
+        fired = set()
 
         def pool(t, hook):
-            pooled[hook.name].append((t.float() * weights).sum(1).cpu())  # [B, d]
+            t = t.float()
+            if "mean" in pooled:
+                pooled["mean"][hook.name].append((t * weights).sum(1).cpu())  # [B, d]
+            if "last" in pooled:
+                pooled["last"][hook.name].append(t[torch.arange(len(t)), last].cpu())  # [B, d]
+            fired.add(hook.name)
+            if len(fired) == len(names):
+                raise _Stop
 
         with model.hooks([(name, pool) for name in names]):
-            model(input_ids.to(device), mask.to(device), return_hidden=True)
+            try:
+                model(input_ids.to(device), mask.to(device), return_hidden=True)
+            except _Stop:
+                pass
     inverse = torch.empty(len(order), dtype=torch.long)
     inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
-    return {name: torch.cat(chunks)[inverse] for name, chunks in pooled.items()}
+    return {p: {name: torch.cat(chunks)[inverse] for name, chunks in by_name.items()} for p, by_name in pooled.items()}
 
 
 # -----------------------------------------------------------------------------

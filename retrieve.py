@@ -39,7 +39,7 @@ import data
 from checkpoint import DEFAULT_MODEL
 from loading import add_device_args, load_model, resolve_dtype
 from model import pooled_activations
-from report import exit_on_error, markdown_table, scatter_svg, write_json, write_text
+from report import check_outputs, exit_on_error, flag, markdown_table, scatter_svg, write_json, write_text
 from stats import correlation_test, format_p, partial_correlation
 
 SOURCE_LANG = "en"
@@ -63,7 +63,7 @@ def sentence_reps(model, tokenizer, texts, batch_size=16, device="cpu", progress
     Tensor[n_layers + 1, N, d] (float32, on CPU), in input order."""
     names = layer_names(model)
     pooled = pooled_activations(model, tokenizer, texts, names, batch_size, device=device, progress=progress)
-    return torch.stack([pooled[name] for name in names])
+    return torch.stack([pooled["mean"][name] for name in names])
 
 
 # -----------------------------------------------------------------------------
@@ -527,9 +527,26 @@ def build_parser():
     return parser
 
 
+# What each command writes into --out.
+OUTPUTS = {"score": ("retrieval.json", "retrieval.md"), "predict": ("prediction.json", "prediction.md"),
+           "correlate": ("correlation.json", "correlation.md", "correlation.svg")}
+
+
+def check_out(args):
+    """report.check_outputs on the command's files in --out against every file it reads (the model, --data,
+    --retrieval, and the PATH of each NAME=PATH:KEY)."""
+    specs = [spec.split("=", 1)[-1] for spec in getattr(args, "transfer", None) or []]
+    specs.append(getattr(args, "control", None))
+    read = [spec if spec is None or Path(spec).exists() else spec.rsplit(":", 1)[0] for spec in specs]
+    inputs = [(flag(dest), getattr(args, dest, None)) for dest in ("model", "data", "retrieval")]
+    check_outputs([("--out", Path(args.out) / name) for name in OUTPUTS[args.command]],
+                  inputs + [("--transfer/--control", path) for path in read], folders=[("--out", args.out)])
+
+
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
+    check_out(args)
     if args.command in ("score", "predict"):
         if args.limit is not None and args.limit < 2:
             parser.error("--limit must be >= 2 (retrieval needs candidates)")

@@ -25,7 +25,7 @@ from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tok
 from tokenizers import Tokenizer as Backend
 
 import checkpoint
-from report import exit_on_error, write_text
+from report import check_outputs, exit_on_error, write_text
 
 # llama.cpp's token types (gguf.TokenType), stored per token in tokenizer.ggml.token_type.
 NORMAL, CONTROL, USER_DEFINED = 1, 3, 4
@@ -236,6 +236,16 @@ class Tokenizer:
                    bool(fields.get("add_bos_token", default_add_bos)), config=carried)
 
 
+def left_truncate(ids, max_tokens, bos_id=None):
+    """The last max_tokens of a token list, its leading BOS (when bos_id is given) kept in front: the end of a
+    prompt is what its continuation follows, and a model trained with BOS drifts without it. The one cut of
+    this kind: generation prompts, DPO prompts (dpo.tokenize_pairs) and scored contexts (evaluate.fit_context)."""
+    if len(ids) <= max_tokens:
+        return ids
+    head = ids[:1] if bos_id is not None and ids[:1] == [bos_id] else []
+    return head + ids[len(ids) - (max_tokens - len(head)):]
+
+
 def read_gguf_tokenizer_fields(path) -> dict:
     """The `tokenizer.ggml.*` metadata of a GGUF file as plain Python values, keys without the prefix."""
     # checkpoint.py's own header parser, not gguf.GGUFReader, which builds a numpy view per element of the
@@ -435,7 +445,7 @@ def main(argv=None) -> None:
                                             "checkpoint.py's cache dir + /tokenizers, i.e. $DPO_ML_CACHE or "
                                             "~/.cache/dpo-multilingual)")
     args = parser.parse_args(argv)
-
+    check_outputs([], [("the tokenizer", args.path)], folders=[("--save", args.save)])
     if args.cache_dir is None:
         args.cache_dir = checkpoint.cache_dir() / "tokenizers"
     start = time.perf_counter()

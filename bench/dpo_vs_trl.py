@@ -115,7 +115,7 @@ def run_trl(args):
 def prepare(args):
     """Write the HF directory of the default model and the shared pairs file (once)."""
     sys.path.insert(0, str(ROOT))
-    import data
+    import design
     from checkpoint import DEFAULT_MODEL
     from loading import load_model, save_model
 
@@ -124,7 +124,7 @@ def prepare(args):
         save_model(model, tokenizer, args.hf_dir)
         del model
     n = (args.steps + 2) * 8 + 2  # + 2 validation pairs for our run (--valid-frac 0.05)
-    pairs = data.default_split()["train"][:n]
+    pairs = design.default_split()["train"][:n]
     Path(args.pairs).write_text("".join(json.dumps({k: p[k] for k in ("prompt", "chosen", "rejected")}) + "\n"
                                         for p in pairs))
 

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import transformers  # noqa: E402  (bench-only dependency, from the separate venv)
 
 from checkpoint import DEFAULT_MODEL, resolve_checkpoint  # noqa: E402
-from data import load_prompts  # noqa: E402
+from data import load_prompts, path as data_path  # noqa: E402
 from generate import generate  # noqa: E402
 from loading import load_model, save_model  # noqa: E402
 
@@ -44,7 +44,7 @@ def main(argv=None):
     p.add_argument("--model", default=DEFAULT_MODEL, help="model for our loader (GGUF, HF dir or embedded name)")
     p.add_argument("--hf-dir", default=None, help="HF directory for transformers to load instead of the GGUF; "
                    "written from our model with loading.save_model when missing")
-    p.add_argument("--prompts", default="data/rtp-lx/en.jsonl", help="prompt file (the first --batch are used)")
+    p.add_argument("--prompts", default=str(data_path("rtp-lx", "en.jsonl")), help="prompt file (the first --batch are used)")
     p.add_argument("--batch", type=int, default=8, help="prompts in the batch")
     p.add_argument("--n", type=int, default=4, help="samples per prompt")
     p.add_argument("--max-new-tokens", type=int, default=20, help="new tokens per sample")

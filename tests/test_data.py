@@ -430,7 +430,8 @@ def test_pair_confounds_response_budget_removes_the_sentence_end_cue(split0):
     assert old["n_dropped"] == 0 and old["auc"]["cut_short"] == 1.0  # chosen never cut, rejected always
     assert old["auc"]["sentence_end"] < 0.05 and old["mean_chosen"]["sentence_end"] > 0.95
     new = design.pair_confounds(split0["train"], tok, max_prompt_len=64, max_len=96, response_tokens=budget)
-    assert new["n_pairs"] + new["n_dropped"] == len(split0["train"]) and 0 < new["n_dropped"] < 0.1 * len(split0["train"])
+    n = len(split0["train"])
+    assert new["n_pairs"] + new["n_dropped"] == n and 0 < new["n_dropped"] < 0.1 * n
     for feature in ("tokens", "chars", "cut_short", "sentence_end"):
         assert 0.35 <= new["auc"][feature] <= 0.65, (feature, new["auc"][feature])
     assert new["mean_chosen"]["cut_short"] == new["mean_rejected"]["cut_short"] == 1.0  # neither side is ever whole

@@ -61,3 +61,11 @@ def test_product_modules_import_without_cycles():
 def test_model_knows_only_the_architectures():
     """model.py sits below loading.py and lora.py: it may use the file formats, never the modules above it."""
     assert set(import_graph()["model"]) <= {"checkpoint", "report"}
+
+
+def test_data_reads_datasets_without_the_experiment():
+    """data.py (readers, data root, fetch) sits under design.py (split, placebo, confounds): it imports no model,
+    tokenizer or statistics code."""
+    graph = import_graph()
+    assert set(graph["data"]) <= {"report"}
+    assert "data" in graph["design"]
