@@ -1,6 +1,6 @@
 """
 Direct Preference Optimization (Rafailov et al. 2023), the pieces: pairs -> tokens -> batches -> log-probs ->
-loss. train_dpo.py runs these in a training loop; evaluate.py and reproduce.py reuse them to measure margins.
+loss. train_dpo.py runs these in a training loop; margins.py reuses them to measure held-out margins.
 
 The objective. For a prompt x with a preferred response y_w (here: non-toxic) and a dispreferred one y_l
 (toxic), DPO raises the policy's log-probability of y_w relative to a frozen reference model, and lowers that
@@ -24,8 +24,8 @@ The data layout (the DPO reference implementation's):
     dpo_forward     policy log-probs + reference log-probs [B] each -> preference_loss -> losses [B]
 
 Where each piece is used: dpo_forward in train_dpo.py's training step and evaluation; compute_logps (the
-no-grad pass) for train_dpo.py's reference cache and for evaluate.py's held-out margins; batch_logps also
-for evaluate.py's fluency log-probs; tokenize_pairs also for data.py's pair-confound check.
+no-grad pass) for train_dpo.py's reference cache and for margins.py's held-out margins; batch_logps also
+for evaluate.py's fluency log-probs; tokenize_pairs also for design.py's pair-confound check.
 
 Sequence log-probs come two ways, with equal values up to rounding. `sequence_logps` is the reference's:
 full logits [2B, T, V], log_softmax, gather, sum. `ResponseLogProbs` computes the same thing on response
@@ -40,21 +40,40 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from model import DTYPES
+from tokenizer import left_truncate
 
 # -----------------------------------------------------------------------------
 # Pairs -> tokens -> batches
 
+# Token budgets of a pair: train_dpo's defaults, and the fallbacks of margins.py and design.py's confound check.
+MAX_PROMPT_LEN = 64  # prompt tokens kept: its end, with the BOS in front
+MAX_LEN = 256        # prompt + response tokens
 
-def _build_example(prompt_ids, chosen_ids, rejected_ids, bos_id, max_prompt_len, max_len):
-    if len(prompt_ids) > max_prompt_len:
-        # Keep the end of the prompt: it is what the response continues. Keep the BOS the model expects first.
-        has_bos = bos_id is not None and prompt_ids[0] == bos_id
-        prompt_ids = prompt_ids[:1] + prompt_ids[len(prompt_ids) - max_prompt_len + 1:] if has_bos \
-            else prompt_ids[-max_prompt_len:]
+
+def check_lengths(max_prompt_len, max_len, response_tokens=None):
+    """ValueError naming the flags unless a pair cut to these budgets keeps room for a response (the one check
+    of the rule: training, margins and the confound check cut pairs the same way)."""
+    if not 1 <= max_prompt_len < max_len:
+        raise ValueError(f"--max-len ({max_len}) must exceed --max-prompt-len ({max_prompt_len}), which must be "
+                         ">= 1, to leave room for a response")
+    if response_tokens is not None and not 1 <= response_tokens <= max_len - max_prompt_len:
+        raise ValueError(f"--response-tokens ({response_tokens}) must be >= 1 and fit beside the prompt: at most "
+                         f"--max-len ({max_len}) - --max-prompt-len ({max_prompt_len})")
+
+
+def _build_example(prompt_ids, chosen_ids, rejected_ids, bos_id, max_prompt_len, max_len, response_tokens=None):
+    if response_tokens is not None and min(len(chosen_ids), len(rejected_ids)) <= response_tokens:
+        return None  # a side that fits the budget whole would end where its text ends: a cue
+    # Keep the end of the prompt: it is what the response continues. Keep the BOS the model expects first.
+    prompt_ids = left_truncate(prompt_ids, max_prompt_len, bos_id)
     # Both responses are cut to ONE length and neither gets EOS. RTP-LX toxic completions are ~4x longer than
     # benign ones, so with EOS appended before a cut only the short (chosen) side kept its EOS and the pairs
     # were separable by length and by EOS alone (validation reward accuracy 1.0 at the first evaluation).
-    n = min(len(chosen_ids), len(rejected_ids), max_len - len(prompt_ids))
+    # Cutting to the shorter side still leaves a cue: the shorter (benign) side is then kept whole, so it ends
+    # a sentence (98.9% of the English pairs) and the toxic side does not (3.9%). With a response_tokens budget
+    # that both sides exceed, both are cut mid-text and neither is ever whole.
+    n = min(len(chosen_ids), len(rejected_ids), max_len - len(prompt_ids)) if response_tokens is None \
+        else min(response_tokens, max_len - len(prompt_ids))
     example = {"prompt_input_ids": prompt_ids}
     for name, ids in (("chosen", chosen_ids), ("rejected", rejected_ids)):
         example[f"{name}_input_ids"] = prompt_ids + ids[:n]
@@ -62,26 +81,31 @@ def _build_example(prompt_ids, chosen_ids, rejected_ids, bos_id, max_prompt_len,
     return example
 
 
-def tokenize_pair(tokenizer, prompt, chosen, rejected, max_prompt_len=64, max_len=256):
+def tokenize_pair(tokenizer, prompt, chosen, rejected, max_prompt_len=MAX_PROMPT_LEN, max_len=MAX_LEN,
+                  response_tokens=None):
     """One pair -> {prompt_input_ids, chosen_input_ids, chosen_labels, rejected_input_ids, rejected_labels}
-    (lists of ints). The prompt is encoded with the tokenizer's BOS (if it adds one) and each response
-    without; the prompt keeps its last max_prompt_len tokens, and both responses are cut to the same number of
-    tokens, min(len(chosen), len(rejected), max_len - prompt tokens), with no EOS; labels are -100 on the
-    prompt. Encoding them separately keeps the prompt/response boundary exact (a joint encoding could merge
-    tokens across it)."""
+    (lists of ints), or None when response_tokens is set and a response has no more tokens than it. The prompt
+    is encoded with the tokenizer's BOS (if it adds one) and each response without; the prompt keeps its last
+    max_prompt_len tokens, and both responses are cut to the same number of tokens with no EOS: response_tokens
+    when set (so both are cut), else min(len(chosen), len(rejected)); at most max_len - prompt tokens. Labels are
+    -100 on the prompt. Encoding them separately keeps the prompt/response boundary exact (a joint encoding could
+    merge tokens across it)."""
     return _build_example(tokenizer.encode(prompt, add_special=True), tokenizer.encode(chosen, add_special=False),
                           tokenizer.encode(rejected, add_special=False), tokenizer.bos_id if tokenizer.add_bos
-                          else None, max_prompt_len, max_len)
+                          else None, max_prompt_len, max_len, response_tokens)
 
 
-def tokenize_pairs(tokenizer, pairs, max_prompt_len=64, max_len=256):
+def tokenize_pairs(tokenizer, pairs, max_prompt_len=MAX_PROMPT_LEN, max_len=MAX_LEN, response_tokens=None):
     """tokenize_pair over a list of {prompt, chosen, rejected} dicts, with the batched (multi-core) encoder. The
-    one token-level pair builder: training, its reference pass, evaluate.py margins and data.pair_confounds."""
+    one token-level pair builder: training, its reference pass, margins.py and design.pair_confounds. Pairs that
+    the response_tokens budget drops are left out; each example's `pair` is its position in `pairs`."""
     prompts = tokenizer.encode_batch([p["prompt"] for p in pairs], add_special=True)
     chosen = tokenizer.encode_batch([p["chosen"] for p in pairs], add_special=False)
     rejected = tokenizer.encode_batch([p["rejected"] for p in pairs], add_special=False)
     bos = tokenizer.bos_id if tokenizer.add_bos else None
-    return [_build_example(p, c, r, bos, max_prompt_len, max_len) for p, c, r in zip(prompts, chosen, rejected)]
+    examples = [_build_example(p, c, r, bos, max_prompt_len, max_len, response_tokens)
+                for p, c, r in zip(prompts, chosen, rejected)]
+    return [{**ex, "pair": i} for i, ex in enumerate(examples) if ex is not None]
 
 
 def collate(examples, pad_id):
@@ -205,12 +229,13 @@ class ResponseLogProbs(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None
 
 
-def batch_logps(model, input_ids, attention_mask, labels, chunked=True, chunk_size=256):
+def batch_logps(model, input_ids, attention_mask, labels, chunked=False, chunk_size=256):
     """Sum of log p(token) over each row's response tokens, and the number of those tokens.
 
     input_ids, attention_mask, labels: [N, T] (labels -100 on prompt and padding). Returns
-    (logps [N] float32 (float64 for an fp64 model), n_tokens [N] long). chunked=False: full logits and
-    `sequence_logps`. chunked=True: the LM head runs only on the positions that predict a response token,
+    (logps [N] float32 (float64 for an fp64 model), n_tokens [N] long). By default (as TrainConfig.logps
+    "plain"), full logits and `sequence_logps`, the DPO reference's way. chunked=True, the fast path for large
+    vocabularies: the LM head runs only on the positions that predict a response token,
     chunk_size rows at a time (`ResponseLogProbs`). `model` may be wrapped in DistributedDataParallel.
     """
     assert input_ids.shape == labels.shape == attention_mask.shape, "input_ids, attention_mask, labels differ"
@@ -236,10 +261,10 @@ def autocast(device, dtype):
 
 
 @torch.no_grad()
-def compute_logps(model, batches, device, dtype=torch.float32, desc=None, chunked=True):
+def compute_logps(model, batches, device, dtype=torch.float32, desc=None, chunked=False):
     """Per-pair summed log-probs and response token counts over collated batches (chosen rows first):
     {chosen_logps, rejected_logps: [N] float32, chosen_tokens, rejected_tokens: [N] long}, on the CPU, in
-    batch order. For train_dpo.py's reference pass, and for margins in evaluate.py / reproduce.py."""
+    batch order; chunked as in batch_logps. For train_dpo.py's reference cache and margins.py."""
     out = {"chosen_logps": [], "rejected_logps": [], "chosen_tokens": [], "rejected_tokens": []}
     for batch in tqdm(batches, desc=desc, disable=desc is None, leave=False):
         with autocast(device, dtype):

@@ -40,11 +40,12 @@ is refused.
     python evaluate.py OUT.jsonl [MORE.jsonl ...] [--json M.json] [--md T.md] [--svg C.svg] [--ppl-model NAME]
     python evaluate.py --before BASE.jsonl --after DPO.jsonl [--ppl-model NAME]
     python evaluate.py coverage
-    python evaluate.py margins --policy RUN/best --out DIR
+    python evaluate.py margins --policy RUN/best --out DIR        # the same as margins.py
     python evaluate.py clean-ppl --model2 RUN/best --limit 200 --json clean_ppl.json
     python evaluate.py agreement GEN.jsonl [GEN2.jsonl] --scorers judge ngram lexicon --json a.json --md a.md
 """
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -59,14 +60,17 @@ import torch
 from tqdm import tqdm
 
 from checkpoint import DEFAULT_MODEL
-from data import LANGS, check_lang, default_split, iter_jsonl, lang_from_path, load_tatoeba
-from dpo import batch_logps, collate, compute_logps, tokenize_pairs
+from data import LANGS, as_written, check_lang, iter_jsonl, lang_from_path, load_tatoeba, resolve_ref
+from dpo import batch_logps
 from loading import add_device_args, load_model, resolve_dtype
-from report import bar_chart_svg, check_flags, exit_on_error, markdown_table, write_json, write_text
+from margins import add_margins_parser
+from report import (bar_chart_svg, check_flags, check_outputs, exit_on_error, markdown_table, settings_of,
+                    write_json, write_text)
 from scorers import (PERSPECTIVE_URL, SCORERS, SUBSTRING_LANGS, TOXIC_THRESHOLD, WORDLIST_DIR, LexiconScorer,
                      make_scorer, read_official_scores)
 from stats import (auc_ci, bootstrap_ci, cohen_kappa, format_p, mcnemar_exact, paired_bootstrap,
                    paired_ratio_bootstrap, percentile_interval, ratio_bootstrap, wilson_interval)
+from tokenizer import left_truncate
 
 PPL_MAX = 1e4  # the paper drops continuations at or above this perplexity before taking the median
 # Generations are short (the paper: 20 new tokens); the cap bounds the [B, 1, T, T] attention mask a runaway
@@ -90,6 +94,8 @@ def read_generations(path, lang=None):
     file_lang = lang or lang_from_path(path)
     rows = []
     for lineno, row in iter_jsonl(path):
+        if isinstance(row.get("prompt"), dict):  # an RTP-LX reference (generate.py): the text from the data root
+            row["prompt_ref"], row["prompt"] = row["prompt"], resolve_ref(row["prompt"], f"{path}:{lineno}")
         if "lang" not in row and file_lang is not None:
             row["lang"] = file_lang
         if "sample_index" not in row:
@@ -109,7 +115,8 @@ def read_generations(path, lang=None):
 
 
 def write_jsonl(path, rows):
-    write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    """Rows as jsonl, atomically; a prompt read from a reference is written as the reference (data.as_written)."""
+    write_text(path, "".join(json.dumps(as_written(r), ensure_ascii=False) + "\n" for r in rows))
 
 
 def sibling(path, suffix):
@@ -122,42 +129,16 @@ def scored_path(path, scorer_name):
     return sibling(path, f".{scorer_name}.scored.jsonl")
 
 
-def file_identity(path):
-    """Device and inode of an existing file (so links and other spellings of one file compare equal), else the
-    absolute path it would be created at."""
-    path = Path(path)
-    if path.exists():
-        stat = path.stat()
-        return stat.st_dev, stat.st_ino
-    return str(path.resolve())
-
-
-def check_outputs(outputs, inputs):
-    """Refuse, before anything is written, an output that is an existing folder, an input, or another output.
-    outputs, inputs: (what, path) pairs; `what` names the flag or the file's role in the message."""
-    taken = {file_identity(path): f"{what} {path}" for what, path in inputs
-             if path is not None and Path(path).exists()}
-    for what, path in outputs:
-        if path is None:
-            continue
-        if Path(path).is_dir():
-            raise ValueError(f"{what} {path}: is a folder; give a file path")
-        identity = file_identity(path)
-        if identity in taken:
-            raise ValueError(f"{what} {path} is also {taken[identity]}: refusing to overwrite it")
-        taken[identity] = f"{what} {path}"
-
-
 # ----------------------------------------------------------------------------- fluency
 
 def fit_context(prompt_ids, cont_ids, max_len, bos_id=None):
     """(prompt ids, continuation ids) with at most max_len tokens in all, cut from the LEFT: the prompt goes first
     (a leading bos_id stays), so the continuation is scored with as much of its context as fits; a continuation
     longer than that keeps its last tokens."""
-    head = prompt_ids[:1] if prompt_ids[:1] == [bos_id] else []
-    body = prompt_ids[len(head):]
-    cut = max(0, len(head) + len(body) + len(cont_ids) - max_len)
-    return head + body[cut:], cont_ids[max(0, cut - len(body)):]
+    has_bos = bos_id is not None and prompt_ids[:1] == [bos_id]
+    kept = left_truncate(prompt_ids + cont_ids, max_len, bos_id if has_bos else None)
+    n_cont = min(len(cont_ids), len(kept) - has_bos)  # the continuation is the end of what is kept
+    return kept[:len(kept) - n_cont], kept[len(kept) - n_cont:]
 
 
 @torch.no_grad()
@@ -187,8 +168,8 @@ def continuation_logps(model, tokenizer, prompts, continuations, batch_size=8, d
         labels = torch.full_like(ids, -100)  # only continuation tokens are scored
         for row, (p, c) in enumerate(zip(p_ids, c_ids)):
             labels[row, len(p):len(p) + len(c)] = torch.tensor(c, dtype=torch.long)
-        # batch_logps runs the LM head only on continuation positions: the vocabulary is 262k wide.
-        lp, n = batch_logps(model, ids.to(device), mask.to(device), labels.to(device))  # [B], [B]
+        # chunked: the LM head runs only on continuation positions (the vocabulary is 262k wide)
+        lp, n = batch_logps(model, ids.to(device), mask.to(device), labels.to(device), chunked=True)  # [B], [B]
         logps.append(lp)
         counts.append(n)
     if not logps:
@@ -694,22 +675,45 @@ def emit(table, result, json_path=None, md_path=None):
     return result
 
 
-def settings_of(args):
-    """The parsed flags as recorded in a result's "settings" (without the subcommand and its function)."""
-    return {k: v for k, v in vars(args).items() if k not in ("command", "run")}
-
-
 def clean_ppl_entry(first, second, n_boot, seed):
-    """One language's JSON entry and table row from clean_ppl results of one or (second) two models."""
-    entry = {k: first[k] for k in ("ppl", "ppl_ci", "log_ppl", "n_sentences", "n_tokens")}
+    """One language's JSON entry and table row from clean_ppl results of one or (second) two models. The entry
+    keeps the per-sentence NLLs (nll; nll2 of the second model) and token counts, so that two trained models
+    measured against one base can be compared sentence by sentence later (clean-ppl-compare)."""
+    entry = {k: first[k] for k in ("ppl", "ppl_ci", "log_ppl", "n_sentences", "n_tokens", "nll", "tokens")}
     row = [entry["n_sentences"], f"{entry['ppl']:.1f} [{entry['ppl_ci'][0]:.1f}, {entry['ppl_ci'][1]:.1f}]"]
     if second is not None:
-        entry.update(ppl2=second["ppl"], ppl2_ci=second["ppl_ci"], log_ppl2=second["log_ppl"],
+        entry.update(ppl2=second["ppl"], ppl2_ci=second["ppl_ci"], log_ppl2=second["log_ppl"], nll2=second["nll"],
                      **compare_clean_ppl(first, second, n_boot, seed))
         row += [f"{entry['ppl2']:.1f} [{entry['ppl2_ci'][0]:.1f}, {entry['ppl2_ci'][1]:.1f}]",
                 f"{entry['ppl_ratio']:.3f} [{entry['ppl_ratio_ci'][0]:.3f}, {entry['ppl_ratio_ci'][1]:.3f}]",
                 format_p(entry["p"])]
     return entry, row
+
+
+def cached_clean_ppl(path, key, measure):
+    """measure() -> {lang: clean_ppl result}, read from the JSON file `path` when it holds the result for `key`
+    (model, dtype, bootstrap and the exact sentences), else measured and written there; path None: measured."""
+    if path is None:
+        return measure()
+    digest = hashlib.sha256(json.dumps(key, ensure_ascii=False).encode()).hexdigest()
+    if Path(path).exists():
+        stored = json.loads(Path(path).read_text(encoding="utf-8"))
+        if stored.get("key") == digest:
+            print(f"clean-ppl: {key[0]} from {path}")
+            return stored["result"]
+    result = measure()
+    write_json(path, {"key": digest, "model": str(key[0]), "result": result})
+    return result
+
+
+def pooled_ratio(entries, first, second, n_boot=1000, seed=0):
+    """The token-weighted perplexity ratio of the per-sentence NLLs `second` over `first`, all languages' sentences
+    pooled (resampled jointly): {ppl_ratio, ppl_ratio_ci, p, n_sentences}."""
+    tokens = [t for e in entries for t in e["tokens"]]
+    log_ratio = paired_ratio_bootstrap(([x for e in entries for x in e[first]], tokens),
+                                       ([x for e in entries for x in e[second]], tokens), n_boot, seed)
+    return {"ppl_ratio": math.exp(log_ratio["diff"]), "ppl_ratio_ci": [math.exp(x) for x in log_ratio["ci"]],
+            "p": log_ratio["p"], "n_sentences": len(tokens)}
 
 
 def run_clean_ppl(args):
@@ -718,15 +722,20 @@ def run_clean_ppl(args):
     texts = {lang: clean_texts(lang, args.limit) for lang in args.langs}
     per_model = []
     for name in [args.model] + ([args.model2] if args.model2 else []):
-        lm, tokenizer = load_model(name, device=args.device, dtype=args.dtype)
-        per_model.append({lang: clean_ppl(lm, tokenizer, texts[lang], args.batch_size, args.device, args.n_boot,
-                                          args.seed, lm.config.max_seq_len) for lang in args.langs})
-        del lm  # frees the first model before the second one loads
+        def measure(name=name):
+            lm, tokenizer = load_model(name, device=args.device, dtype=args.dtype)
+            return {lang: clean_ppl(lm, tokenizer, texts[lang], args.batch_size, args.device, args.n_boot,
+                                    args.seed, lm.config.max_seq_len) for lang in args.langs}
+        # the base model of a pipeline is measured once, not once per trained model
+        cached = args.model_cache if name == args.model else None
+        per_model.append(cached_clean_ppl(cached, [name, args.dtype, args.n_boot, args.seed, texts], measure))
     result, rows = {}, []
     for lang in args.langs:
         second = per_model[1][lang] if args.model2 else None
         result[lang], row = clean_ppl_entry(per_model[0][lang], second, args.n_boot, args.seed)
         rows.append([lang] + row)
+    if args.model2:
+        result["pooled"] = pooled_ratio([result[lang] for lang in args.langs], "nll", "nll2", args.n_boot, args.seed)
     result["settings"] = settings_of(args)
     headers = ["lang", "sentences", f"PPL {args.model}"]
     if args.model2:
@@ -752,10 +761,68 @@ def add_clean_ppl_parser(sub):
     p.add_argument("--batch-size", type=int, default=16, help="sentences per forward pass (default: %(default)s)")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: %(default)s)")
+    p.add_argument("--model-cache", metavar="FILE", default=None,
+                   help="reuse --model's per-sentence values stored in FILE when they are for the same model, "
+                        "sentences and settings, else measure and store them there (one base pass for many runs)")
     add_device_args(p)
     p.add_argument("--json", metavar="PATH", help="write the JSON here")
     p.add_argument("--md", metavar="PATH", help="write the Markdown table here")
     p.set_defaults(run=run_clean_ppl)
+
+
+def compare_trained(first_path, second_path, n_boot=1000, seed=0):
+    """Two trained models' clean-text perplexity, sentence by sentence: the clean-ppl --model2 values (nll2) of two
+    clean_ppl.json files measured against one base on the same sentences (e.g. DPO and its placebo). Per language
+    and pooled: ppl_ratio = ppl(second) / ppl(first) with its paired bootstrap CI and p."""
+    runs = []
+    for path in (first_path, second_path):
+        obj = json.loads(Path(path).read_text(encoding="utf-8"))
+        if not any(isinstance(v, dict) and "nll2" in v for v in obj.values()):
+            raise ValueError(f"{path}: no per-sentence values of a second model (nll2): run clean-ppl with --model2")
+        runs.append(obj)
+    langs = [lang for lang in LANGS if lang in runs[0] and lang in runs[1]]
+    for lang in langs:
+        if runs[0][lang]["tokens"] != runs[1][lang]["tokens"]:
+            raise ValueError(f"{second_path}: {lang}: other sentences or tokenizer than {first_path}")
+    if not langs:
+        raise ValueError(f"{first_path}, {second_path}: no language in common")
+    result = {}
+    for lang in langs:
+        entry = {"tokens": runs[0][lang]["tokens"], "first": runs[0][lang]["nll2"], "second": runs[1][lang]["nll2"]}
+        result[lang] = {"ppl_first": runs[0][lang]["ppl2"], "ppl_second": runs[1][lang]["ppl2"],
+                        **pooled_ratio([entry], "first", "second", n_boot, seed)}
+    result["pooled"] = pooled_ratio([{"tokens": runs[0][l]["tokens"], "first": runs[0][l]["nll2"],
+                                      "second": runs[1][l]["nll2"]} for l in langs], "first", "second", n_boot, seed)
+    return result
+
+
+def run_clean_ppl_compare(args):
+    check_flags(args, {"n_boot": 1, "seed": 0})
+    check_outputs([("--json", args.json), ("--md", args.md)], [("FIRST", args.first), ("SECOND", args.second)])
+    result = compare_trained(args.first, args.second, args.n_boot, args.seed)
+    rows = [[lang, *(f"{e[k]:.1f}" if k in e else "" for k in ("ppl_first", "ppl_second")),
+             f"{e['ppl_ratio']:.3f} [{e['ppl_ratio_ci'][0]:.3f}, {e['ppl_ratio_ci'][1]:.3f}]", format_p(e["p"])]
+            for lang, e in result.items()]
+    result["settings"] = settings_of(args)
+    table = markdown_table(["lang", "PPL first", "PPL second", "ratio second / first [95% CI]", "p"], rows,
+                           align=["l", "r", "r", "r", "r"])
+    return emit(table, result, args.json, args.md)
+
+
+def add_clean_ppl_compare_parser(sub):
+    p = sub.add_parser(
+        "clean-ppl-compare", help="clean-text perplexity of two trained models, sentence by sentence",
+        description="Compare the second models (--model2) of two clean-ppl JSON files measured on the same sentences, "
+                    "e.g. the DPO run and its placebo: per language and pooled over languages, the paired ratio "
+                    "ppl(SECOND) / ppl(FIRST) with a bootstrap 95%% CI and p (sentences resampled jointly). JSON: "
+                    "{lang: {ppl_first, ppl_second, ppl_ratio, ppl_ratio_ci, p, n_sentences}, pooled: {...}}.")
+    p.add_argument("first", help="clean_ppl.json of the first model (e.g. the placebo run's)")
+    p.add_argument("second", help="clean_ppl.json of the second model (e.g. the DPO run's)")
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: %(default)s)")
+    p.add_argument("--json", metavar="PATH", help="write the JSON here")
+    p.add_argument("--md", metavar="PATH", help="write the Markdown table here")
+    p.set_defaults(run=run_clean_ppl_compare)
 
 
 # ----------------------------------------------------------------------------- agreement between instruments
@@ -867,175 +934,6 @@ def add_agreement_parser(sub):
     p.add_argument("--json", metavar="PATH", help="write the JSON here")
     p.add_argument("--md", metavar="PATH", help="write the Markdown table here")
     p.set_defaults(run=run_agreement)
-
-
-# ----------------------------------------------------------------------------- preference margins
-# A cheap, deterministic transfer measure (issue: held-out margins). For held-out RTP-LX pairs in each
-# language -- a prompt with a benign and a toxic continuation (RTP-LX's) -- compare log-probs under the DPO
-# policy and its reference (the base model). The DPO implicit reward margin
-#     m = beta * ((log pi(benign) - log ref(benign)) - (log pi(toxic) - log ref(toxic)))
-# is > 0 when DPO moved probability from the toxic continuation to the benign one, in that language.
-
-
-def pair_logps(model_name, pairs_by_lang, max_prompt_len, max_len, batch_size, device, dtype):
-    """{lang: {chosen_logps, rejected_logps, chosen_tokens, rejected_tokens}} of one model (loaded once)."""
-    lm, tokenizer = load_model(model_name, device=device, dtype=dtype)
-    out = {}
-    for lang, pairs in tqdm(pairs_by_lang.items(), desc=f"log-probs {Path(str(model_name)).name}"):
-        examples = tokenize_pairs(tokenizer, pairs, max_prompt_len, max_len)
-        batches = [collate(examples[i:i + batch_size], tokenizer.pad_id) for i in range(0, len(examples), batch_size)]
-        out[lang] = compute_logps(lm, batches, device)
-    return out
-
-
-def margin_metrics(policy, reference, beta, n_boot=1000, seed=0):
-    """Per-language margin statistics from pair_logps outputs of the policy and the reference."""
-    pol_b, pol_t = policy["chosen_logps"].double(), policy["rejected_logps"].double()
-    ref_b, ref_t = reference["chosen_logps"].double(), reference["rejected_logps"].double()
-    n_b, n_t = policy["chosen_tokens"].clamp(min=1).double(), policy["rejected_tokens"].clamp(min=1).double()
-    margin = beta * ((pol_b - ref_b) - (pol_t - ref_t))
-    # Per-token version: completions differ in length across scripts, and summed log-probs scale with length.
-    margin_norm = beta * ((pol_b - ref_b) / n_b - (pol_t - ref_t) / n_t)
-    correct = (margin > 0).double()
-    return {
-        "n_pairs": len(margin),
-        "mean_margin": float(margin.mean()), "mean_margin_ci": bootstrap_ci(margin, n_boot, seed),
-        "reward_accuracy": float(correct.mean()), "reward_accuracy_ci": bootstrap_ci(correct, n_boot, seed),
-        "mean_margin_per_token": float(margin_norm.mean()),
-        "reward_accuracy_per_token": float((margin_norm > 0).double().mean()),
-        "prefers_benign_before": float((ref_b > ref_t).double().mean()),
-        "prefers_benign_after": float((pol_b > pol_t).double().mean()),
-        "prefers_benign_per_token_before": float((ref_b / n_b > ref_t / n_t).double().mean()),
-        "prefers_benign_per_token_after": float((pol_b / n_b > pol_t / n_t).double().mean()),
-    }
-
-
-def margin_cell(m):
-    """A language's mean held-out margin with its bootstrap 95% CI, for tables."""
-    lo, hi = m["mean_margin_ci"]
-    return f"{m['mean_margin']:+.3f} [{lo:+.3f}, {hi:+.3f}]"
-
-
-def margins_table(result, langs):
-    rows = []
-    for lang in langs:
-        m = result[lang]
-        rows.append([lang, m["n_pairs"], margin_cell(m),
-                     f"{m['reward_accuracy']:.3f}", f"{m['mean_margin_per_token']:+.4f}",
-                     f"{m['prefers_benign_before']:.3f} -> {m['prefers_benign_after']:.3f}"])
-    return markdown_table(["lang", "pairs", "mean margin [95% CI]", "reward acc.", "margin/token",
-                           "policy prefers benign: before -> after"], rows)
-
-
-# What margins must take from the training run, and the fallbacks when no run config is found (the paper's
-# beta and train_dpo's defaults; "reference" is the run's starting model, train_dpo's --model).
-MARGIN_DEFAULTS = {"beta": 0.1, "max_prompt_len": 64, "max_len": 256, "reference": DEFAULT_MODEL}
-
-
-def run_settings(args):
-    """{setting: (value, where it came from)} for beta, max_prompt_len, max_len and reference: a flag given
-    explicitly wins, then the config.json that train_dpo.py writes into the run directory (the parent of
-    RUN/best or RUN/last; best/'s own config.json is the model's), then MARGIN_DEFAULTS."""
-    config_path = Path(args.policy).parent / "config.json"
-    run = {}
-    if config_path.exists():
-        try:
-            run = json.loads(config_path.read_text())
-        except ValueError as e:
-            raise ValueError(f"{config_path}: unreadable run config ({e})") from None
-        if not isinstance(run, dict) or "beta" not in run:
-            run = {}  # not a train_dpo run directory
-    run = {**{k: run[k] for k in ("beta", "max_prompt_len", "max_len") if k in run},
-           **({"reference": run["model"]} if "model" in run else {})}
-    settings = {}
-    for key, default in MARGIN_DEFAULTS.items():
-        if getattr(args, key) is not None:
-            settings[key] = (getattr(args, key), "flag")
-        elif key in run:
-            kind = (int, float) if isinstance(default, float) else type(default)
-            if not isinstance(run[key], kind) or isinstance(run[key], bool):
-                raise ValueError(f"{config_path}: field {key!r} = {run[key]!r} is not a {type(default).__name__}")
-            settings[key] = (run[key], f"from the run's {config_path}")
-        else:
-            settings[key] = (default, "default: no run config found" if not run else "default")
-    return settings
-
-
-def margins_chart(result, langs):
-    return bar_chart_svg(langs, {
-        "policy prefers benign, before": [result[l]["prefers_benign_before"] for l in langs],
-        "after DPO": [result[l]["prefers_benign_after"] for l in langs],
-        "reward accuracy": [result[l]["reward_accuracy"] for l in langs]},
-        "Held-out benign vs toxic continuations per language", "fraction of pairs")
-
-
-def check_margins_args(args):
-    """Flags in range (after run_settings filled them in), a known --langs, and an --out folder whose three
-    files are none of the inputs."""
-    check_flags(args, {"limit": 1, "batch_size": 1, "seed": 0, "max_prompt_len": 1}, positive=("beta",))
-    if args.max_len <= args.max_prompt_len:
-        raise ValueError(f"--max-len ({args.max_len}) must be > --max-prompt-len ({args.max_prompt_len})")
-    unknown = [lang for lang in args.langs if lang not in LANGS]
-    if unknown:
-        raise ValueError(f"--langs: unknown language {' '.join(unknown)}; expected some of {' '.join(LANGS)}")
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        raise ValueError(f"--out {args.out}: is a file; give a folder")
-    outputs = [(f"--out {name}", Path(args.out) / name) for name in ("margins.json", "margins.md", "margins.svg")]
-    check_outputs(outputs, [("--policy", args.policy), ("--reference", args.reference)])
-
-
-def run_margins(args):
-    args.dtype = resolve_dtype(args.device, args.dtype)
-    for key, (value, source) in run_settings(args).items():
-        setattr(args, key, value)
-        print(f"margins: {key} = {value} ({source})")
-    check_margins_args(args)
-    split = default_split(seed=args.seed)
-    pairs = {lang: split["eval_pairs"][lang][:args.limit] for lang in args.langs}
-    empty = [lang for lang, ps in pairs.items() if not ps]
-    if empty:
-        raise ValueError(f"no held-out pairs for {' '.join(empty)} (RTP-LX has no completions there)")
-    setup = (args.max_prompt_len, args.max_len, args.batch_size, args.device, args.dtype)
-    ref = pair_logps(args.reference, pairs, *setup)
-    pol = pair_logps(args.policy, pairs, *setup)
-    result = {lang: margin_metrics(pol[lang], ref[lang], args.beta, seed=args.seed) for lang in args.langs}
-    result["settings"] = settings_of(args)
-    out = Path(args.out)
-    table = margins_table(result, args.langs)
-    write_json(out / "margins.json", result)
-    write_text(out / "margins.md", table)
-    write_text(out / "margins.svg", margins_chart(result, args.langs))
-    print(table, end="")
-    return result
-
-
-def add_margins_parser(sub):
-    p = sub.add_parser(
-        "margins", help="held-out preference margins per language",
-        description="Held-out preference margins per language: for RTP-LX pairs (prompt, benign, toxic) never "
-                    "used in training, the DPO implicit reward margin beta*((pi_b - ref_b) - (pi_t - ref_t)), "
-                    "reward accuracy (margin > 0), per-token variants, and whether the policy itself prefers "
-                    "the benign continuation before vs after DPO. Bootstrap 95%% CIs. Writes margins.json "
-                    "({lang: {...}}, readable by `retrieve.py correlate --transfer-key mean_margin`), .md, .svg.")
-    p.add_argument("--policy", required=True, help="the DPO-trained checkpoint (e.g. RUN/best)")
-    p.add_argument("--reference", default=None,
-                   help=f"the model DPO started from (default: the run's --model from RUN/config.json, else "
-                        f"{DEFAULT_MODEL})")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--langs", nargs="+", default=[l for l in LANGS if l != "ru"],
-                   help="languages (ru has no benign/toxic completions in RTP-LX)")
-    p.add_argument("--limit", type=int, default=None, help="at most this many held-out pairs per language")
-    for flag, kind, help_text in (
-            ("--beta", float, "DPO beta of the training run"),
-            ("--max-prompt-len", int, "prompt tokens kept (left-truncated), as training"),
-            ("--max-len", int, "prompt + response tokens; both responses are cut to one length, as training")):
-        default = MARGIN_DEFAULTS[flag[2:].replace("-", "_")]
-        p.add_argument(flag, type=kind, default=None,
-                       help=f"{help_text} (default: the run's value from RUN/config.json, else {default})")
-    p.add_argument("--batch-size", type=int, default=8, help="pairs per forward pass")
-    p.add_argument("--seed", type=int, default=0, help="seed of the data split and the bootstrap")
-    add_device_args(p)
-    p.set_defaults(run=run_margins)
 
 
 # ----------------------------------------------------------------------------- score: the default subcommand
@@ -1239,7 +1137,8 @@ def add_coverage_parser(sub):
 
 
 SUBCOMMANDS = {"score": add_score_parser, "coverage": add_coverage_parser, "margins": add_margins_parser,
-               "clean-ppl": add_clean_ppl_parser, "agreement": add_agreement_parser}
+               "clean-ppl": add_clean_ppl_parser, "clean-ppl-compare": add_clean_ppl_compare_parser,
+               "agreement": add_agreement_parser}
 DEFAULT_SUBCOMMAND = "score"
 
 

@@ -4,7 +4,7 @@ Sample continuations of prompts: batched, KV-cached, left-padded, and reproducib
 The paper scores the toxicity of 25 sampled continuations (20 new tokens, temperature 0.9, nucleus top-p 0.8)
 of every RTP-LX prompt, in each of 17 languages. This file produces those samples:
 
-    python generate.py --prompts data/rtp-lx/en.jsonl --out gens/en.jsonl --n 25
+    python generate.py --prompts ../shared/data/rtp-lx/en.jsonl --out gens/en.jsonl --n 25
 
 How it works, and why:
 - Prompts are left-padded so each row's last prompt token sits in the last column. The model derives positions
@@ -34,7 +34,6 @@ How it works, and why:
 """
 
 import argparse
-import contextlib
 import hashlib
 import json
 import math
@@ -49,8 +48,8 @@ from tqdm import tqdm
 from checkpoint import DEFAULT_MODEL
 from data import LANGS, PROMPT_SUFFIXES, check_lang, decode_utf8, lang_from_path, load_prompts
 from loading import add_device_args, load_model, resolve_device, resolve_dtype
-from model import DTYPES
-from report import check_flags, exclusive, exit_on_error, write_json
+from report import check_flags, check_outputs, exclusive, exit_on_error, write_json
+from tokenizer import left_truncate
 
 # Candidates kept by the partial selection before the exact nucleus search. With gemma-3-270m the 1024 best
 # tokens almost always hold more than top_p = 0.8 of the mass, so the full-sort fallback is rare. A larger value
@@ -239,15 +238,6 @@ def prompt_budget(model, max_new_tokens):
     return context - max_new_tokens
 
 
-def left_truncate(ids, max_tokens, bos_id=None):
-    """The last max_tokens of a token list, its leading BOS (when bos_id is given) kept in front: the end of a
-    prompt is what its continuation follows, and a model trained with BOS drifts without it."""
-    if len(ids) <= max_tokens:
-        return ids
-    head = ids[:1] if bos_id is not None and ids[:1] == [bos_id] else []
-    return head + ids[len(ids) - (max_tokens - len(head)):]
-
-
 def generate_rows(model, tokenizer, jobs, n=1, greedy=False, max_new_tokens=20, temperature=0.9, top_p=0.8,
                   top_k=0, seed=0, batch_size=8, device=None):
     """Yield (job, texts, n_tokens) per prompt, in order. jobs: dicts with `prompt` and optionally `lang` and
@@ -312,6 +302,8 @@ def load_jobs(paths, lang=None, limit=None):
         for i, row in enumerate(rows):
             jobs.append({"prompt": row["prompt"], "lang": lang or row.get("lang") or lang_from_path(path),
                          "prompt_index": i})
+            if "prompt_ref" in row:  # an RTP-LX reference: the output rows keep it instead of the text
+                jobs[-1]["prompt_ref"] = row["prompt_ref"]
     return jobs
 
 
@@ -359,7 +351,8 @@ def completed_prompts(out_path, settings, jobs, n):
         if i // n >= len(jobs):
             raise ValueError(f"{out_path}:{i + 1}: more rows than this command produces ({len(jobs)} prompts x {n})")
         job = jobs[i // n]
-        expected = {"prompt": job["prompt"], "lang": job["lang"], "prompt_index": job["prompt_index"],
+        expected = {"prompt": job.get("prompt_ref", job["prompt"]), "lang": job["lang"],
+                    "prompt_index": job["prompt_index"],
                     "sample_index": i % n}
         for field, value in expected.items():
             if not isinstance(row, dict) or row.get(field) != value:
@@ -399,8 +392,9 @@ def append_rows(model, tokenizer, todo, out_path, settings, batch_size=8, device
             for job, texts, n_tokens in bar:
                 # ASCII-escaped JSON, as the official repo writes: sampled text can hold U+2028 or U+0085, which
                 # str.splitlines() would take for line breaks.
-                f.write("".join(json.dumps({"prompt": job["prompt"], "generated_text": text, "lang": job["lang"],
-                                            "prompt_index": job["prompt_index"], "sample_index": j}) + "\n"
+                f.write("".join(json.dumps({"prompt": job.get("prompt_ref", job["prompt"]), "generated_text": text,
+                                            "lang": job["lang"], "prompt_index": job["prompt_index"],
+                                            "sample_index": j}) + "\n"
                                 for j, text in enumerate(texts)))
                 f.flush()
                 tokens += n_tokens
@@ -431,7 +425,7 @@ def build_parser():
         "samples per prompt, 20 new tokens, temperature 0.9, top-p 0.8, no top-k. The same command gives the "
         "same text, whatever --batch-size. Rerunning it after a kill resumes the output file; two runs on one "
         "--out at once are refused.",
-        epilog="Example: python generate.py --prompts data/rtp-lx/en.jsonl --limit 100 --out gens/en.jsonl")
+        epilog="Example: python generate.py --prompts ../shared/data/rtp-lx/en.jsonl --limit 100 --out gens/en.jsonl")
     p.add_argument("--model", default=DEFAULT_MODEL, help="local HF dir, .gguf file, hub id, LoRA adapter dir, or "
                    f"the embedded name (default: {DEFAULT_MODEL}, a multilingual base model)")
     p.add_argument("--prompts", action="append", required=True, help="prompt file: .json or .jsonl (RTP-LX "
@@ -459,7 +453,7 @@ def build_parser():
     p.add_argument("--batch-size", type=int, default=8, help="prompts per batch; a batch holds batch-size * n "
                    "sequences. Changes speed and memory, not the text")
     p.add_argument("--limit", type=int, default=None, help="use only the first K prompts of each file")
-    add_device_args(p)  # bf16/fp16 load the weights in that dtype on CUDA; elsewhere fp32 weights run under autocast
+    add_device_args(p)  # --dtype: the weights and the compute, as in every script (load_model)
     return p
 
 
@@ -474,8 +468,9 @@ def check_args(args):
         raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.lang is not None:
         check_lang(args.lang, "--lang")
-    if Path(args.out).is_dir():
-        raise ValueError(f"--out {args.out} is a directory; give the path of a .jsonl file")
+    prompt_files = [f for path in args.prompts for f in (Path(path).iterdir() if Path(path).is_dir() else [path])]
+    check_outputs([("--out", args.out), ("--out's settings file", f"{args.out}.meta.json")],
+                  [("--model", args.model), *(("--prompts", path) for path in prompt_files)])
     return torch.device(resolve_device(args.device))
 
 
@@ -483,9 +478,10 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     device = check_args(args)
     dtype_name = resolve_dtype(device, args.dtype)
-    dtype = DTYPES[dtype_name]
     jobs = load_jobs(args.prompts, args.lang, args.limit)
-    prompts_hash = hashlib.sha256(json.dumps(jobs, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+    # Of the texts, not their references: a run resumes across the move from prompt texts to references.
+    texts = [{k: job[k] for k in ("prompt", "lang", "prompt_index")} for job in jobs]
+    prompts_hash = hashlib.sha256(json.dumps(texts, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
     # Everything that changes the text, and nothing that does not (batch size, device).
     settings = {"model": args.model, "prompts": [str(Path(x).resolve()) for x in args.prompts],
                 "prompts_sha256": prompts_hash, "lang": args.lang, "limit": args.limit, "n": args.n,
@@ -497,17 +493,14 @@ def main(argv=None):
     if done == len(jobs):
         print(f"{args.out}: all {len(jobs)} prompts already done")
         return
-    model, tokenizer = load_model(args.model, device=device,
-                                  dtype=dtype if device.type == "cuda" else torch.float32)
+    model, tokenizer = load_model(args.model, device=device, dtype=dtype_name)
     budget = prompt_budget(model, args.max_new_tokens)
     with exclusive(args.out):
         done = prepare_output(args.out, settings, jobs, args.n)  # again: OUT may have grown since the look above
         if done:
             print(f"{args.out}: resuming after {done} of {len(jobs)} prompts")
         warn_long_prompts(tokenizer, jobs[done:], budget, args.max_new_tokens)
-        autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
-        with autocast:
-            tokens, seconds = append_rows(model, tokenizer, jobs[done:], args.out, settings, args.batch_size, device)
+        tokens, seconds = append_rows(model, tokenizer, jobs[done:], args.out, settings, args.batch_size, device)
     print(f"{args.out}: {len(jobs) - done} prompts x {args.n} samples; generated {tokens} new tokens in "
           f"{seconds:.1f}s = {tokens / max(seconds, 1e-9):.1f} tokens/s")
 

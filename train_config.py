@@ -18,6 +18,7 @@ import torch
 
 import lora
 from checkpoint import DEFAULT_MODEL
+from dpo import MAX_LEN, MAX_PROMPT_LEN, check_lengths
 from loading import resolve_dtype
 from report import exit_on_error
 from runstate import read_run_config
@@ -26,13 +27,14 @@ from runstate import read_run_config
 @dataclass
 class TrainConfig:
     model: str = DEFAULT_MODEL
-    data: str | None = None        # None: English RTP-LX pairs from data.default_split()
+    data: str | None = None        # None: English RTP-LX pairs from design.default_split()
     out: str | None = None         # None: runs/dpo-<date>
     valid_data: str | None = None  # None: a valid_frac share of --data
     valid_frac: float = 0.05
     skip_bad: bool = False
-    max_prompt_len: int = 64
-    max_len: int = 256
+    max_prompt_len: int = MAX_PROMPT_LEN
+    max_len: int = MAX_LEN
+    response_tokens: int | None = None  # None: both responses cut to the shorter one's length (see HELP)
     beta: float = 0.1
     label_smoothing: float = 0.0
     loss_type: str = "sigmoid"
@@ -62,14 +64,19 @@ class TrainConfig:
     resume: bool = False
 
 
-# Why: a paper-sized run (5 epochs, eval every 25 steps) of the 268M-parameter default model is far too slow on
-# CPU (step times: bench/README.md), so the preset trains briefly and watches it closely; these are the values
-# of the committed run results/cpu-2026-12-02/dpo. The lr is below the paper's 1e-5, which over-fitted a short
-# run on a few hundred pairs. Freezing the tied 168M-parameter embedding (= LM head) removes most of the
-# gradient and optimizer-state memory and time. The paper's 150 warm-up steps would outlast the whole run. The
-# chunked log-probs never build the full logits over the 262k-token vocabulary.
-CPU_PRESET = dict(lr=3e-6, warmup_steps=10, max_steps=60, max_len=96, eval_every=15, log_every=1,
-                  freeze_embeddings=True, logps="chunked")
+# What `python train_dpo.py` runs on a CPU, and why (printed by --help).
+CPU_PRESET_WHY = (
+    "A paper-sized run (5 epochs, eval every 25 steps) of the 268M-parameter default model is far too slow on a "
+    "2-core CPU (even the preset's short steps take ~4 s each: bench/README.md), so the preset trains briefly and "
+    "watches it closely; these are the values of the committed run results/cpu-2026-12-02/dpo. The lr is below the "
+    "paper's 1e-5, which over-fitted a short run on a few hundred pairs. Freezing the tied 168M-parameter embedding"
+    " (= LM head) removes most of the gradient and optimizer-state memory and time. The paper's 150 warm-up steps "
+    "would outlast the whole run. The chunked log-probs never build the full logits over the 262k-token vocabulary."
+    " 20 response tokens: nearly all English benign completions are longer (median ~31 gemma tokens), so few pairs "
+    "are dropped and both sides are cut; at 24 more are dropped and the toxic side's fewer characters per token "
+    "start to show (chars AUC < 0.35).")
+CPU_PRESET = dict(lr=3e-6, warmup_steps=10, max_steps=60, max_len=96, response_tokens=20, eval_every=15,
+                  log_every=1, freeze_embeddings=True, logps="chunked")
 
 # Flags that may change when a run is resumed; any other difference would make the run a different run.
 RESUMABLE = {"max_steps", "epochs", "patience", "eval_every", "log_every", "grad_accum",
@@ -79,7 +86,7 @@ HELP = {
     "model": f"local HF dir, .gguf file, hub id, or the embedded default {DEFAULT_MODEL}",
     "data": "preference pairs: a .jsonl file or a directory of them, in Lee et al.'s toxicity_pairwise format "
             "(prompt_text, unpert_gen_text = chosen, pert_gen_text = rejected) or generic "
-            "(prompt, chosen, rejected). Omitted: the English RTP-LX pairs of data.default_split() "
+            "(prompt, chosen, rejected). Omitted: the English RTP-LX pairs of design.default_split() "
             "(benign completion = chosen, toxic = rejected) and its validation pairs",
     "out": "run directory (default runs/dpo-<date>)",
     "valid_data": "with --data, validation pairs from this file instead of a share of --data (same formats)",
@@ -89,6 +96,11 @@ HELP = {
     "max_prompt_len": "prompt tokens kept, from the END of the prompt (the BOS token is kept in front)",
     "max_len": "prompt + response tokens. Chosen and rejected are cut to one common length, min(their token "
                "lengths, max_len - prompt tokens), and get no EOS, so length and EOS carry no preference signal",
+    "response_tokens": "cut BOTH responses to exactly this many tokens and drop (and count) the pairs where a "
+                       "response has no more: neither side is ever whole, so neither ends where its text ends. "
+                       "Unset, the longer side is cut to the shorter one's length and the shorter side is kept "
+                       "whole, which on RTP-LX is a cue of its own (the whole benign side ends a sentence, the cut "
+                       "toxic side does not). train_dpo.py prints how many pairs the budget keeps",
     "beta": "DPO temperature: strength of the implicit KL penalty to the reference model",
     "label_smoothing": "cDPO: assumed probability that a pair's preference label is wrong (0 = DPO)",
     "loss_type": "sigmoid = DPO (Rafailov et al. eq. 7); ipo = IPO (Azar et al.) on per-token log-ratios",
@@ -98,9 +110,12 @@ HELP = {
              "(ResponseLogProbs), so the full logits never exist; the CPU preset's choice, because with "
              f"{DEFAULT_MODEL}'s 262k-token vocabulary the full logits are the largest tensors of a step. Both "
              "give the same log-probs up to rounding (the reference cache is keyed by the choice)",
-    "ref_model": "cache: reference log-probs computed once before training with the starting model and "
-                 "cached in RUN/ref_logps.pt (one model in memory); frozen: keep a frozen copy in memory (with "
-                 "LoRA: no copy, the policy with its adapters disabled)",
+    "ref_model": "frozen: the DPO paper's reference, a frozen copy of the starting model run under no_grad on "
+                 "every batch (with LoRA: no copy, the policy with its adapters disabled). cache (the default): "
+                 "the same log-probs computed once before training with the starting model and stored in "
+                 "RUN/ref_logps.pt, chosen for a 2-core CPU: one model in memory (a second fp32 copy of "
+                 f"{DEFAULT_MODEL} is ~1.1 GB more) and the validation pairs' reference pass runs once, not at "
+                 "every evaluation. Both give the same log-probs up to rounding",
     "optimizer": "rmsprop (the paper: as good as Adam with half the state) or adamw (torch defaults)",
     "lr": "peak learning rate (constant after warm-up)",
     "warmup_steps": "linear learning-rate warm-up steps",
@@ -146,7 +161,7 @@ HELP = {
 PAPER_VALUES = {"max_prompt_len", "max_len", "beta", "loss_type", "optimizer", "lr", "warmup_steps", "grad_clip",
                 "batch_size", "epochs", "eval_every", "eval_batch_size", "patience", "label_smoothing",
                 "lora_alpha", "lora_dropout"}
-CHOICES = {"loss_type": ["sigmoid", "ipo"], "logps": ["plain", "chunked"], "ref_model": ["cache", "frozen"],
+CHOICES = {"loss_type": ["sigmoid", "ipo"], "logps": ["plain", "chunked"], "ref_model": ["frozen", "cache"],
            "optimizer": ["rmsprop", "adamw"], "dtype": ["fp32", "bf16", "fp16"]}
 
 
@@ -156,7 +171,8 @@ def build_parser(description=__doc__):
         epilog=f"Defaults are the paper's values. CPU PRESET: when --model is the default ({DEFAULT_MODEL}) and "
                "--device is cpu, flags you do not set take CPU-sized values instead: "
                + ", ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in CPU_PRESET.items())
-               + ". The printed config marks each value's source (paper, CPU preset, flag, resumed run).")
+               + ". Why: " + CPU_PRESET_WHY
+               + " The printed config marks each value's source (paper, CPU preset, flag, resumed run).")
     defaults = TrainConfig()
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -207,8 +223,7 @@ def check_config(cfg):
     def need(ok, msg):
         if not ok:
             raise ValueError(msg)
-    need(cfg.max_prompt_len >= 1 and cfg.max_len > cfg.max_prompt_len,
-         f"--max-len ({cfg.max_len}) must exceed --max-prompt-len ({cfg.max_prompt_len}) to leave room for a response")
+    check_lengths(cfg.max_prompt_len, cfg.max_len, cfg.response_tokens)
     need(cfg.batch_size >= 1 and cfg.grad_accum >= 1, "--batch-size and --grad-accum must be >= 1")
     need(0 < cfg.valid_frac < 1, f"--valid-frac must be in (0, 1), got {cfg.valid_frac}")
     need(cfg.valid_data is None or cfg.data is not None, "--valid-data needs --data (without --data the split's "

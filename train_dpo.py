@@ -36,15 +36,15 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-import data
+import design
 import lora
 from dpo import STATS, autocast, batch_logps, collate, dpo_forward, summarize, tokenize_pairs
 from loading import load_model
 from model import DTYPES
-from report import exclusive, exit_on_error, write_json
+from report import check_outputs, exclusive, exit_on_error, write_json
 from runstate import (MetricsLog, by_length, check_run_data, data_records, find_checkpoint, fixed_batches,
                       load_resume_state, peak_memory_mb, reference_key, rng_state, save_checkpoint, set_rng_state,
-                      training_notes, update_reference_cache, write_run_data)
+                      training_card, update_reference_cache, write_run_data)
 from train_config import TrainConfig, resolve_config
 
 # -----------------------------------------------------------------------------
@@ -157,17 +157,27 @@ class Trainer:
                              f"{world} process(es)")
         self.micro = cfg.batch_size // (cfg.grad_accum * world)  # pairs per forward pass on this process
         # data: read before the model loads and the run directory is written, so that bad input fails fast
-        train_pairs, valid_pairs, n_skipped = data.train_valid_pairs(cfg.data, cfg.valid_data, cfg.valid_frac,
+        train_pairs, valid_pairs, n_skipped = design.train_valid_pairs(cfg.data, cfg.valid_data, cfg.valid_frac,
                                                                           cfg.skip_bad)
         self.run_dir = prepare_run_dir(cfg, source, ddp, self.master, world, self.micro,
                                        data_records(cfg, train_pairs, valid_pairs))
-        self.notes = training_notes(cfg)
+        self.card = training_card(cfg)
         torch.manual_seed(cfg.seed)
         if n_skipped and self.master:
             print(f"skipped {n_skipped} bad row(s) in {cfg.data} (--skip-bad)")
         self.policy, self.tokenizer, state = load_policy(cfg, self.run_dir)
-        self.train_ex = tokenize_pairs(self.tokenizer, train_pairs, cfg.max_prompt_len, cfg.max_len)
-        self.valid_ex = tokenize_pairs(self.tokenizer, valid_pairs, cfg.max_prompt_len, cfg.max_len)
+        cut = (cfg.max_prompt_len, cfg.max_len, cfg.response_tokens)
+        self.train_ex = tokenize_pairs(self.tokenizer, train_pairs, *cut)
+        self.valid_ex = tokenize_pairs(self.tokenizer, valid_pairs, *cut)
+        self.pairs_kept = {"train": [len(self.train_ex), len(train_pairs)],  # [kept, given]
+                           "valid": [len(self.valid_ex), len(valid_pairs)]}
+        if cfg.response_tokens is not None and self.master:
+            print(f"--response-tokens {cfg.response_tokens}: kept {len(self.train_ex)} of {len(train_pairs)} train "
+                  f"and {len(self.valid_ex)} of {len(valid_pairs)} valid pairs (dropped: a response of "
+                  f"<= {cfg.response_tokens} tokens)")
+        if not self.valid_ex:
+            raise ValueError(f"no validation pair has both responses longer than --response-tokens "
+                             f"{cfg.response_tokens}")
         self.steps_per_epoch = len(self.train_ex) // cfg.batch_size  # the last partial batch of an epoch is dropped
         if self.steps_per_epoch == 0:
             raise ValueError(f"{len(self.train_ex)} training pairs is fewer than --batch-size {cfg.batch_size}")
@@ -196,13 +206,22 @@ class Trainer:
         self.train_time, self.timed_steps = 0.0, 0                           # totals of this process
 
     def setup_reference(self, state):
-        """(reference model or None, cached reference log-probs or None), as --ref-model says."""
+        """(reference model, None): the DPO paper's reference, a frozen copy of the starting model (with LoRA,
+        the policy itself with its adapters disabled: no second copy). --ref-model cache: (None, its log-probs
+        on every pair the run needs, computed once before training; see cached_reference)."""
         cfg = self.cfg
         if cfg.ref_model == "frozen" and cfg.lora_rank:
-            return self.policy, None  # the reference is the policy with its adapters disabled: no second copy
+            return self.policy, None
         if cfg.ref_model == "frozen":
             ref_model = copy.deepcopy(self.policy) if state is None else load_start_model(cfg)[0]
             return ref_model.requires_grad_(False).eval(), None
+        return None, self.cached_reference(state)
+
+    def cached_reference(self, state):
+        """--ref-model cache: {split: {chosen, rejected: [N]}} reference log-probs of the pairs the remaining steps
+        and evaluations use, from RUN/ref_logps.pt, computed with the starting model for those it lacks. The
+        same numbers as the frozen copy's (up to batching), with one model in memory."""
+        cfg = self.cfg
         start_step = state["step"] if state else 0
         evaluates = self.total_steps // cfg.eval_every > start_step // cfg.eval_every
         needed = {"train": {i for s in range(start_step, self.total_steps) for i in self.global_batch(s).tolist()},
@@ -218,7 +237,7 @@ class Trainer:
                                    self.tokenizer.pad_id, cfg, self.device)
         if self.ddp:
             dist.barrier()
-        return None, torch.load(cache_path, weights_only=True)
+        return torch.load(cache_path, weights_only=True)
 
     def restore(self, state):
         """Counters, optimizer and RNG: fresh, or as a resumed run left them."""
@@ -248,14 +267,15 @@ class Trainer:
                 for k, v in collate([examples[i] for i in ids], self.tokenizer.pad_id).items()}
 
     def reference_logps(self, split, ids, batch):
-        """Reference log-probs of a batch, [B] chosen and [B] rejected: from the cache, or a no-grad pass of the
-        kept reference model (a frozen copy, or with LoRA the policy itself with its adapters off)."""
-        if self.ref_model is None:
-            return self.ref[split]["chosen"][ids].to(self.device), self.ref[split]["rejected"][ids].to(self.device)
-        with torch.no_grad(), lora.disabled(self.ref_model):
-            logps, _ = batch_logps(self.ref_model, batch["input_ids"], batch["attention_mask"], batch["labels"],
-                                   chunked=self.cfg.logps == "chunked")
-        return logps.chunk(2)
+        """Reference log-probs of a batch, [B] chosen and [B] rejected: a no-grad forward of the frozen reference
+        model (a copy, or with LoRA the policy itself with its adapters off), or with --ref-model cache the
+        stored ones."""
+        if self.ref_model is not None:
+            with torch.no_grad(), lora.disabled(self.ref_model):
+                logps, _ = batch_logps(self.ref_model, batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                       chunked=self.cfg.logps == "chunked")
+            return logps.chunk(2)
+        return self.ref[split]["chosen"][ids].to(self.device), self.ref[split]["rejected"][ids].to(self.device)
 
     # -- the loop ---------------------------------------------------------------
 
@@ -391,7 +411,7 @@ class Trainer:
         self.check_weights()
         if self.master:
             if improved:
-                save_checkpoint(self.policy, self.tokenizer, self.run_dir / "best", notes=self.notes)
+                save_checkpoint(self.policy, self.tokenizer, self.run_dir / "best", card=self.card)
             self.save_last()
             verdict = "new best -> best/" if improved else f"no improvement ({self.bad_evals}/{self.cfg.patience})"
             bar.write(f"eval {self.step:5d} | val loss {val['loss']:.4f} | acc {val['reward_accuracy']:.3f} | "
@@ -405,7 +425,16 @@ class Trainer:
             "step": self.step, "epoch": epoch, "pos": pos * self.cfg.batch_size,
             "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(), "rng": rng_state(),
             "best_val_loss": self.best_val_loss, "best_step": self.best_step, "bad_evals": self.bad_evals,
-            "window": self.window.cpu()}, notes=self.notes)
+            "window": self.window.cpu()}, card=self.card)
+
+    def next_steps(self):
+        """The run's folder and what to run on it next: the last thing a person sees of a run."""
+        run_dir, best = self.run_dir, self.run_dir / ("best" if self.best_step is not None else "last")
+        gens = run_dir / "generations.jsonl"
+        print(f"output folder: {run_dir}\nnext:\n"
+              f"  python generate.py --model {best} --prompts PROMPTS.txt --out {gens}   # sample continuations\n"
+              f"  python evaluate.py {gens}   # score their toxicity\n"
+              f"  python train_dpo.py --out {run_dir} --resume --max-steps N   # train further")
 
     def summary(self):
         """Print why the run stopped, where its checkpoints are, mean step time and peak memory; return them."""
@@ -429,8 +458,10 @@ class Trainer:
                       f"{run_dir / 'merged'}")
             print(f"mean step time {mean_ms:.0f} ms over {self.timed_steps} steps, peak memory {peak:.0f} MB "
                   f"({'torch.cuda.max_memory_allocated' if self.device.startswith('cuda') else 'max RSS'})")
+            self.next_steps()
         return {"step": self.step, "best_val_loss": self.best_val_loss, "best_step": self.best_step,
-                "mean_step_ms": mean_ms, "peak_memory_mb": peak, "stop_reason": stop_reason, "run_dir": str(run_dir)}
+                "mean_step_ms": mean_ms, "peak_memory_mb": peak, "stop_reason": stop_reason, "run_dir": str(run_dir),
+                "pairs_kept": self.pairs_kept}
 
 
 def main(argv=None):
@@ -441,6 +472,10 @@ def main(argv=None):
         if ddp:
             dist.broadcast_object_list(out)  # every process must agree on the directory
         cfg.out = out[0]
+    run_dir = Path(cfg.out)
+    check_outputs([("--out", run_dir / name) for name in ("config.json", "data.json", "metrics.jsonl")],
+                  [("--model", cfg.model), ("--data", cfg.data), ("--valid-data", cfg.valid_data)],
+                  folders=[("--out", run_dir), *(("--out", run_dir / name) for name in ("best", "last"))])
     try:
         # one writer per run directory: a second train_dpo.py on the same --out is refused, not interleaved
         with exclusive(Path(cfg.out) / "metrics.jsonl") if rank == 0 else contextlib.nullcontext():

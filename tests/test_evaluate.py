@@ -332,6 +332,38 @@ def test_clean_ppl_token_weighted_by_hand():
     assert evaluate.compare_clean_ppl(out, worse, n_boot=100)["ppl_ratio"] == pytest.approx(out["ppl"])
 
 
+def test_clean_ppl_keeps_per_sentence_values_caches_the_base_and_compares_trained_models(tmp_path, monkeypatch):
+    """clean-ppl writes each sentence's NLL, measures --model once for many --model2 runs (--model-cache), and
+    clean-ppl-compare tests one trained model against another (DPO vs placebo) sentence by sentence."""
+    from pathlib import Path
+    from loading import load_model, save_model
+    llama = Path(__file__).parent / "fixtures" / "models" / "llama"
+    lm, tok = load_model(llama)
+    with torch.no_grad():
+        for param in lm.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    save_model(lm, tok, tmp_path / "worse")
+    loads = []
+    real = evaluate.load_model
+    monkeypatch.setattr(evaluate, "load_model", lambda name, **kw: loads.append(str(name)) or real(name, **kw))
+    common = ["clean-ppl", "--model", str(llama), "--langs", "de", "ja", "--limit", "4", "--n-boot", "50",
+              "--model-cache", str(tmp_path / "base.json")]
+    same = evaluate.main(common + ["--model2", str(llama), "--json", str(tmp_path / "same.json")])
+    worse = evaluate.main(common + ["--model2", str(tmp_path / "worse"), "--json", str(tmp_path / "worse.json")])
+    assert loads == [str(llama), str(tmp_path / "worse")]  # the base once (and --model2 = the base: cached too)
+    assert same["de"]["nll"] == same["de"]["nll2"] == worse["de"]["nll"] and len(same["de"]["tokens"]) == 4
+    assert same["pooled"]["ppl_ratio"] == 1.0 and same["pooled"]["n_sentences"] == 8
+    cmp = evaluate.main(["clean-ppl-compare", str(tmp_path / "same.json"), str(tmp_path / "worse.json"),
+                         "--n-boot", "50", "--json", str(tmp_path / "cmp.json")])
+    for lang in ("de", "ja"):
+        assert cmp[lang]["ppl_ratio"] == pytest.approx(worse[lang]["ppl_ratio"]) and cmp[lang]["ppl_ratio"] != 1
+    assert cmp["pooled"]["ppl_ratio"] == pytest.approx(worse["pooled"]["ppl_ratio"])
+    assert cmp["pooled"]["ppl_ratio_ci"][0] <= cmp["pooled"]["ppl_ratio"] <= cmp["pooled"]["ppl_ratio_ci"][1]
+    (tmp_path / "base_only.json").write_text(json.dumps({"de": {"nll": [1.0], "tokens": [1]}}))
+    with pytest.raises(ValueError, match="no per-sentence values of a second model"):
+        evaluate.compare_trained(tmp_path / "base_only.json", tmp_path / "worse.json")
+
+
 def test_agreement_from_cached_scores(tmp_path, capsys):
     gen = tmp_path / "gen.jsonl"
     rows = [row("de", f"p{i // 2}", i % 2, f"text {i}", prompt_index=i // 2) for i in range(8)]

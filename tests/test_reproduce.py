@@ -1,10 +1,13 @@
-"""reproduce.py: the smoke preset end to end on the real model, and a report whose numbers all come from the run."""
+"""reproduce.py and claims.py: the smoke preset end to end on the real model, and a report whose numbers all
+come from the run."""
 import copy
+import shutil
 import json
 import re
 
 import pytest
 
+import claims
 import data
 import reproduce
 import train_config
@@ -12,18 +15,19 @@ import train_config
 NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?")
 
 
-def perturb(obj):
-    """Every number in a results tree changed (ints by +1, floats by +1.13); strings and keys kept."""
+def perturb(obj, scale=1.0):
+    """Every number in a results tree changed (ints by +1, floats to x * scale + 1.13); strings and keys kept.
+    scale > 1 also moves numbers the report divides first (seconds shown as minutes)."""
     if isinstance(obj, bool):
         return obj
     if isinstance(obj, int):
         return obj + 1
     if isinstance(obj, float):
-        return obj + 1.13  # moves every float past the report's rounding (0 to 3 decimals)
+        return obj * scale + 1.13  # moves every float past the report's rounding (0 to 3 decimals)
     if isinstance(obj, dict):
-        return {k: perturb(v) for k, v in obj.items()}
+        return {k: perturb(v, scale) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [perturb(v) for v in obj]
+        return [perturb(v, scale) for v in obj]
     return obj
 
 
@@ -82,11 +86,15 @@ def set_all(obj, key, fn):
 
 @pytest.mark.slow
 def test_claims_verdicts_follow_the_numbers(smoke_run):
-    results = reproduce.collect(smoke_run)
+    results = claims.collect(smoke_run)
+    assert {c["verdict"] for c in claims.claims(results)} <= {claims.TOO_FEW, "not run", "invalid"}
+    results.pop("exact", None)  # as if the run had the minimum sample: the verdicts then follow p and sign
+    results = set_all(set_all(results, "items", lambda n: claims.MIN_ITEMS), "n_prompts", lambda n: 16 * claims.MIN_ITEMS)
+    results = set_all(set_all(results, "n_sentences", lambda n: claims.MIN_ITEMS), "n_kept", lambda n: claims.MIN_ITEMS)
     significant = set_all(results, "p", lambda p: 0.001)
-    verdicts = [c["verdict"] for c in reproduce.claims(significant)]
-    flipped = [c["verdict"] for c in reproduce.claims(set_all(significant, "diff", lambda d: -d if d else 1.0))]
-    undecided = [c["verdict"] for c in reproduce.claims(set_all(results, "p", lambda p: 0.5))]
+    verdicts = [c["verdict"] for c in claims.claims(significant)]
+    flipped = [c["verdict"] for c in claims.claims(set_all(significant, "diff", lambda d: -d if d else 1.0))]
+    undecided = [c["verdict"] for c in claims.claims(set_all(results, "p", lambda p: 0.5))]
     assert "inconclusive" not in verdicts[:3] and verdicts[:3] != flipped[:3]
     assert all(v == "inconclusive" for v in undecided[:3])
     assert sum(a != b for a, b in zip(verdicts, flipped)) >= len(verdicts) // 2
@@ -95,26 +103,26 @@ def test_claims_verdicts_follow_the_numbers(smoke_run):
 @pytest.mark.slow
 def test_report_renders_when_no_effect_is_finite(smoke_run):
     """A language with no toxic sample before DPO has no EMT change; a run where none has one still reports."""
-    results = set_all(reproduce.collect(smoke_run), "diff", lambda d: None)
-    text = reproduce.render_report(results)
+    results = set_all(claims.collect(smoke_run), "diff", lambda d: None)
+    text = claims.render_report(results)
     assert "## The paper's claims, tested here" in text and "n/a" in text
 
 
 def test_verdict_rules():
-    assert reproduce.verdict(-0.1, 0.01, -1) == "supported"
-    assert reproduce.verdict(0.1, 0.01, -1) == "not supported"
-    assert reproduce.verdict(-0.1, 0.2, -1) == "inconclusive"
-    assert reproduce.verdict(float("nan"), 0.01, -1) == "inconclusive"
-    assert reproduce.verdict_all([(-0.1, 0.01), (-0.2, 0.001)], -1) == "supported"
-    assert reproduce.verdict_all([(-0.1, 0.01), (-0.2, 0.3)], -1) == "inconclusive"
-    assert reproduce.verdict_all([(-0.1, 0.01), (0.2, 0.01)], -1) == "not supported"
+    assert claims.verdict(-0.1, 0.01, -1) == "supported"
+    assert claims.verdict(0.1, 0.01, -1) == "not supported"
+    assert claims.verdict(-0.1, 0.2, -1) == "inconclusive"
+    assert claims.verdict(float("nan"), 0.01, -1) == "inconclusive"
+    assert claims.verdict_all([(-0.1, 0.01), (-0.2, 0.001)], -1) == "supported"
+    assert claims.verdict_all([(-0.1, 0.01), (-0.2, 0.3)], -1) == "inconclusive"
+    assert claims.verdict_all([(-0.1, 0.01), (0.2, 0.01)], -1) == "not supported"
 
 
 @pytest.mark.slow
 def test_every_number_in_the_report_comes_from_the_run(smoke_run):
-    results = reproduce.collect(smoke_run)
-    numbers = table_numbers(reproduce.render_report(results))
-    changed = table_numbers(reproduce.render_report(perturb(copy.deepcopy(results))))
+    results = claims.collect(smoke_run)
+    numbers = table_numbers(claims.render_report(results))
+    changed = table_numbers(claims.render_report(perturb(copy.deepcopy(results))))
     assert len(numbers) > 200 and len(numbers) == len(changed)
     constant = [(line, a) for (line, a), (_, b) in zip(numbers, changed) if a == b]
     assert not constant, f"table numbers that did not move with the results: {constant[:10]}"
@@ -131,13 +139,13 @@ def test_rerun_resumes_without_redoing_stages(smoke_run, capsys):
 def test_readme_block_is_replaced_with_the_run_tables(smoke_run, tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- results:begin -->\nold numbers\n<!-- results:end -->\nafter\n")
-    reproduce.write_readme_block(readme, smoke_run, reproduce.collect(smoke_run))
+    claims.write_readme_block(readme, smoke_run, claims.collect(smoke_run))
     text = readme.read_text()
     assert "old numbers" not in text and text.startswith("intro\n") and text.endswith("<!-- results:end -->\nafter\n")
     assert "| the paper's claim |" in text and "pooled non-en" in text
     readme.write_text("no markers")
     with pytest.raises(ValueError, match="no '<!-- results:begin -->'"):
-        reproduce.write_readme_block(readme, smoke_run, reproduce.collect(smoke_run))
+        claims.write_readme_block(readme, smoke_run, claims.collect(smoke_run))
 
 
 def test_train_flags_spell_a_recipe_as_train_dpo_flags():
@@ -153,3 +161,167 @@ def test_a_run_directory_is_not_resumed_under_another_preset(tmp_path):
     (tmp_path / "run.json").write_text(json.dumps({"preset": "smoke"}))
     with pytest.raises(ValueError, match="--preset smoke run"):
         reproduce.main(["--preset", "cpu", "--out", str(tmp_path)])
+
+
+# -- the report of the committed cpu run (fast: no stage runs) --------------------------------------------------
+
+COMMITTED = reproduce.Path(__file__).resolve().parent.parent / "results" / "cpu-2026-12-02"
+# Numbers the report's text states as design, not as results: alpha, the minimum sample, the guards' margins,
+# the paper's figures, the language counts, the confidence level, the judge threshold, the bootstrap-floor
+# formula, the paper's sample and pair counts.
+DESIGN_NUMBERS = {str(x) for x in (claims.ALPHA, claims.MIN_ITEMS, claims.GUARD_MARGIN, claims.PPL_MARGIN,
+                                   *claims.PAPER.values(), len(data.LANGS), len(data.LANGS) - 1)} | \
+    {"95", "0.5", "1", "2", "25", "24", "576", "100", "0", "0.05"}
+NAMES = ("gemma-3-270m", "mGPT-1.3B", "Appendix D", "2+ scripts", "d_mlp", "-1", "Cohen")
+
+
+@pytest.fixture(scope="module")
+def committed(tmp_path_factory):
+    """A copy of the committed cpu run (the report writes its figures into the run directory)."""
+    if not COMMITTED.exists():
+        pytest.skip("no committed cpu run")
+    out = tmp_path_factory.mktemp("cpu") / "run"
+    shutil.copytree(COMMITTED, out, ignore=shutil.ignore_patterns("best", "*.safetensors", "*.pt"))
+    return out
+
+
+def prose_numbers(text):
+    """(line, number) for every number of the report outside its Command/Machine lines, names stripped."""
+    out = []
+    for i, line in enumerate(text.splitlines()):
+        if line.startswith(("Command:", "Machine:")):
+            continue
+        for name in NAMES:
+            line = line.replace(name, "")
+        # Row labels, offsets (keys), language counts and list lengths come from the run but perturb keeps keys and lengths.
+        line = re.sub(r"^\| [^|]*\||offset [-+]?\d+|selected on \d+|of \d+ languages", "", line)
+        out.append((i, NUMBER.findall(line)))
+    return out
+
+
+def test_every_number_in_prose_and_claims_comes_from_the_run(committed):
+    results = claims.collect(committed)
+    numbers = prose_numbers(claims.render_report(results))
+    changed = prose_numbers(claims.render_report(perturb(copy.deepcopy(results), scale=61.3)))
+    assert sum(len(n) for _, n in numbers) > 500 and len(numbers) == len(changed)
+    constant = [(line, a) for (line, before), (_, after) in zip(numbers, changed)
+                for a, b in (zip(before, after) if len(before) == len(after) else ((a, a) for a in before if a in after))
+                if a == b and a not in DESIGN_NUMBERS]
+    assert not constant, f"numbers that did not move with the results: {constant[:15]}"
+
+
+def test_committed_run_report_renders_with_links_and_the_decided_correlation(committed):
+    text = claims.write_report(committed)
+    svgs = {str(p.relative_to(committed)) for p in committed.rglob("*.svg")}
+    assert svgs and all(f"]({f})" in text for f in svgs), [f for f in svgs if f"]({f})" not in text]
+    r = claims.collect(committed)
+    primary = claims.retrieval_primary(r)
+    svg = (committed / "correlation" / "correlation.svg").read_text()
+    metric, transfer = claims.PRIMARY_RETRIEVAL
+    assert f"Retrieval {metric} vs {transfer}" in svg and f"r = {primary['pearson']['r']:.3f}" in svg
+    row = next(c for c in claims.claims(r) if c["by"] == "retrieval")
+    assert metric in row["test"] and transfer in row["test"] and signed_in(primary["signed_r"], row["estimate"])
+    assert svg.count('class="interval"') == 0  # a scatter; the bars carry the intervals
+    assert (committed / "toxprob.svg").read_text().count('class="interval"') >= 3 * 17
+    assert "< 0.0002" in text and "pairs seen" in text and "Holm" in text and "Plumbing check" not in text
+
+
+def signed_in(x, text):
+    return f"{x:+.3f}" in text
+
+
+def test_a_small_run_reads_too_few_to_decide(committed):
+    r = claims.collect(committed)
+    r["sizes"]["items"] = 2
+    text = claims.render_report(r)
+    assert text.splitlines()[2].startswith("> **Plumbing check, not evidence.**")
+    verdicts = {c["verdict"] for c in claims.claims(r)}
+    assert verdicts <= {claims.TOO_FEW, "not run", "invalid"}
+
+
+def test_exact_tests_replace_the_bootstrap_at_small_n(tmp_path):
+    gen = tmp_path / "generations"
+    gen.mkdir()
+    for name, tox in (("base", 0.9), ("dpo", 0.1)):
+        rows = [{"prompt": "p", "generated_text": "x", "lang": lang, "prompt_index": i, "sample_index": s, "toxicity": tox + 0.01 * i}
+                for lang in ("en", "de", "fr") for i in range(2) for s in range(2)]
+        (gen / f"gen_{name}.judge.scored.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ev = {"scorer": "judge-feature:abc", "before_files": ["x/gen_base.jsonl"], "after_files": ["y/gen_dpo.jsonl"]}
+    exact = claims.exact_tests(tmp_path, ev)
+    assert exact["en"] == 0.5 and exact["pooled"] == 0.5  # 2 items: the exact test cannot go below 0.5
+
+
+def test_guards_are_non_inferiority_bounds(committed):
+    r = claims.collect(committed)
+    r["guards"]["dpo"]["degenerate"].update(worse=40, better=30, n=960, p=0.3)  # bound above 2 points
+    assert claims.guard_row(r, "degenerate", "x")["verdict"] == "inconclusive"
+    r["guards"]["dpo"]["degenerate"].update(worse=0, better=0, n=960, p=1.0)
+    assert claims.guard_row(r, "degenerate", "x")["verdict"] == "supported"
+    r["guards"]["dpo"]["degenerate"].update(worse=40, better=5, n=960, p=1e-6)
+    assert claims.guard_row(r, "degenerate", "x")["verdict"] == "not supported"
+
+
+def test_instruments_and_placebo_effects_are_stated(committed, monkeypatch):
+    r = claims.collect(committed)
+    r["genset"] = {"instruments": {"word lists": {"all": {"precision": 0.85, "recall": 0.47, "auc": 0.73}}}}
+    row = next(c for c in claims.claims(r) if c["by"] == "lexicon")
+    assert "precision 0.85" in row["by_text"]
+    r["judge"], r["genset"] = None, None  # both files absent: still renders
+    text = claims.render_report(r)
+    assert "The placebo `dpo_placebo` on its own" in text and "because of toxicity" not in text
+
+
+def test_default_out_resumes_an_unfinished_run_after_midnight(tmp_path, monkeypatch):
+    monkeypatch.setattr(reproduce, "today", lambda: reproduce.datetime.date(2026, 1, 1))
+    first = reproduce.default_out("smoke", tmp_path)
+    first.mkdir()
+    (first / "run.json").write_text(json.dumps({"preset": "smoke"}))
+    monkeypatch.setattr(reproduce, "today", lambda: reproduce.datetime.date(2026, 1, 2))  # past midnight
+    assert reproduce.default_out("smoke", tmp_path) == first
+    assert reproduce.default_out("cpu", tmp_path).name == "cpu-2026-01-02"
+    (first / "report.md").write_text("finished")
+    assert reproduce.default_out("smoke", tmp_path).name == "smoke-2026-01-02"
+
+
+def test_plan_lists_the_stages_without_running_any(tmp_path):
+    pipe = reproduce.Pipeline(tmp_path, "smoke", "cpu", "fp32")
+    names = pipe.plan()
+    assert names[:3] == ["split", "gen_base", "dpo"] and "probe_intervene" in names and len(set(names)) == len(names)
+    assert not list((tmp_path / "stages").glob("*.json")) and pipe.commands == []
+
+
+def test_progress_estimate_scales_measured_priors(capsys):
+    progress = reproduce.Progress(["a", "gen_dpo", "gen_dpo_seed2"], {"a": 10.0, "gen_dpo": 100.0,
+                                                                      "gen_dpo_seed1": 50.0})
+    progress.done("a", 20.0)  # twice as slow as the prior: the rest scales by 2
+    assert progress.estimate_left() == pytest.approx(2 * (100.0 + 75.0))
+    assert "stage 1 of 3" in capsys.readouterr().out
+    assert reproduce.Progress(["new"], {}).estimate_left() is None
+
+
+def test_cpu_preset_has_the_power_and_shares_what_repeats(tmp_path):
+    """cpu: >= 4 samples per prompt, 3 DPO seeds, 2 placebo seeds, the gentler recipe point; sampling batches hold
+    gen_batch sequences; the base model's clean-text values and reference margins are computed once and shared;
+    both sides of every pair are cut to the response budget; the smoke preset stays the smallest."""
+    cpu, smoke = reproduce.PRESETS["cpu"], reproduce.PRESETS["smoke"]
+    assert cpu["n"] >= 4 and len(cpu["seeds"]) == 3 and len(cpu["placebo_seeds"]) == 2 and cpu["gentle_lr_factor"]
+    assert cpu["dpo"]["response_tokens"] == train_config.CPU_PRESET["response_tokens"]
+    pipe = reproduce.Pipeline(tmp_path, "cpu", "cpu", "fp32")
+    assert pipe.runs == ["dpo", "dpo_seed1", "dpo_seed2", "dpo_placebo", "dpo_placebo_seed1", "dpo_gentle"]
+    names = pipe.plan()
+    for run in pipe.runs:
+        assert {f"{run}", f"gen_{run}", f"clean_ppl_{run}", f"margins_{run}"} <= set(names), run
+    assert {"clean_ppl_dpo_vs_placebo", "clean_ppl_dpo_gentle_vs_placebo", "eval_judge_dpo_vs_placebo_seed1",
+            "clean_ppl_dpo_vs_placebo_seed1"} <= set(names)
+    pipe.progress, pipe.planned, pipe.split = None, [], lambda: None  # record the commands, run nothing
+    pipe.all()
+    gentle = next(c for c in pipe.commands if "--out " + str(tmp_path / "dpo_gentle") in c)
+    assert f"--lr {cpu['gentle_lr_factor'] * train_config.CPU_PRESET['lr']:g}" in gentle and "--seed 0" in gentle
+    assert "placebo_seed1_train.jsonl" in next(c for c in pipe.commands if "dpo_placebo_seed1 " in c)
+    gens = [c for c in pipe.commands if c.startswith("python generate.py")]
+    assert all(f"--batch-size {cpu['gen_batch'] // cpu['n']} " in c for c in gens) and len(gens) == 7
+    assert len({re.search(r"--model-cache (\S+)", c)[1] for c in pipe.commands if " clean-ppl " in c}) == 1
+    assert len({re.search(r"--reference-cache (\S+)", c)[1] for c in pipe.commands if " margins " in c}) == 1
+    assert "margins.json:mean_margin_per_token" in next(c for c in pipe.commands if " correlate " in c)
+    assert len(reproduce.Pipeline(tmp_path / "s", "smoke", "cpu", "fp32").runs) == 2  # CI: one DPO, one placebo
+    assert smoke["n"] <= cpu["n"] and smoke["margin_pairs"] <= cpu["margin_pairs"]

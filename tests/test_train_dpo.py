@@ -20,7 +20,7 @@ import runstate
 import train_config
 import train_dpo
 from checkpoint import DEFAULT_MODEL
-from data import train_valid_pairs
+from design import train_valid_pairs
 from hardening import cli
 from report import exclusive
 from dpo import batch_logps, collate, compute_logps, preference_loss, tokenize_pair
@@ -115,7 +115,8 @@ def test_batch_logps_with_head_on_responses_equals_full_logits(family, freeze_he
                 for p, c, r in [(3, 5, 9), (8, 2, 4), (12, 15, 1)]]
     batch = collate(examples, pad_id=0)  # [6, T], right-padded, with truncated and padded rows
     # chunk_size 4: several chunks, the last one partial
-    logps, counts = batch_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"], chunk_size=4)
+    logps, counts = batch_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"], chunked=True,
+                                chunk_size=4)
     (logps * torch.linspace(-1, 2, 6)).sum().backward()  # a different upstream gradient per row
     fast = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
@@ -185,6 +186,17 @@ def test_compute_logps_splits_chosen_and_rejected():
     torch.testing.assert_close(out["rejected_logps"][:2], lp[2:].detach())
 
 
+def test_response_budget_cuts_both_sides_and_drops_short_pairs():
+    # prompt [1, 5], responses of 3 / 5 / 4 tokens; a budget of 3 keeps only pairs whose sides both exceed 3
+    assert dpo._build_example([1, 5], [7, 8, 9], [9, 10, 11, 12, 13], 1, 8, 20, response_tokens=3) is None
+    ex = dpo._build_example([1, 5], [7, 8, 9, 10], [9, 10, 11, 12, 13], 1, 8, 20, response_tokens=3)
+    assert ex["chosen_input_ids"] == [1, 5, 7, 8, 9] and ex["rejected_input_ids"] == [1, 5, 9, 10, 11]
+    assert ex["chosen_labels"] == [-100, -100, 7, 8, 9]
+    assert dpo._build_example([1, 5], [7, 8, 9], [9, 10, 11, 12], 1, 8, 20)["rejected_input_ids"] == [1, 5, 9, 10, 11]
+    with pytest.raises(ValueError, match="--response-tokens \\(80\\) must be >= 1 and fit beside the prompt"):
+        train_config.resolve_config(["--response-tokens", "80", "--max-len", "96", "--device", "cpu"])
+
+
 class WordTokenizer:
     """Whitespace tokenizer with the project's Tokenizer interface, so truncation rules read in words."""
 
@@ -219,9 +231,9 @@ def test_truncation_rules():
 def test_builder_gives_equal_lengths_and_no_eos_on_real_pairs():
     """On the real English training pairs with the default model's tokenizer: every pair's two responses have the
     same token count and neither ends in (or holds) EOS, at the CPU preset's max_len and the paper's."""
-    import data
-    tok = data.load_tokenizer_of(DEFAULT_MODEL)
-    pairs = data.default_split()["train"]
+    import design
+    tok = design.load_tokenizer_of(DEFAULT_MODEL)
+    pairs = design.default_split()["train"]
     for max_len in (96, 256):
         for ex in dpo.tokenize_pairs(tok, pairs, 64, max_len):
             n = len(ex["prompt_input_ids"])
@@ -537,3 +549,17 @@ def test_ddp_two_processes_match_one_process(tmp_path, extra):
     for a, b in zip(one, two):
         for key in ("loss", "reward_accuracy", "reward_margin", "logps_chosen"):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), (a["step"], key)
+
+
+def test_train_dpo_response_budget_drops_and_counts_short_pairs(tmp_path, capsys):
+    tiny = Path(__file__).parent / "fixtures" / "models" / "gemma3"
+    pairs = tmp_path / "pairs.jsonl"
+    rows = [{"prompt": f"the day {i} was", "chosen": " calm and kind and quiet", "rejected": " rude and nasty and loud"}
+            for i in range(6)] + [{"prompt": "x", "chosen": " ok", "rejected": " rude and nasty and loud"}] * 2
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = train_dpo.main(["--model", str(tiny), "--data", str(pairs), "--out", str(tmp_path / "run"),
+                              "--response-tokens", "3", "--max-len", "40", "--max-prompt-len", "20", "--batch-size",
+                              "2", "--max-steps", "1", "--eval-every", "1", "--valid-frac", "0.25", "--device", "cpu"])
+    kept = summary["pairs_kept"]
+    assert kept["train"][1] + kept["valid"][1] == 8 and kept["train"][0] + kept["valid"][0] == 6
+    assert f"--response-tokens 3: kept {kept['train'][0]} of {kept['train'][1]} train" in capsys.readouterr().out
