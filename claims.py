@@ -7,6 +7,7 @@ so `python reproduce.py --report-only --out DIR` rebuilds the report without run
 
 import json
 import math
+import re
 from pathlib import Path
 
 import data
@@ -81,6 +82,9 @@ def collect(out):
          "agreement": read_optional(out / "agreement" / "agreement.json"),
          "clean_ppl": {run: read_json(out / "clean_ppl" / run / "clean_ppl.json")
                        for run in runs if (out / "clean_ppl" / run).exists()},
+         # trained vs trained (clean-ppl-compare): dpo_vs_placebo, dpo_gentle_vs_placebo, ...; absent in older runs
+         "clean_ppl_vs": {p.parent.name: read_json(p)
+                          for p in sorted((out / "clean_ppl").glob("*_vs_*/clean_ppl.json"))},
          "margins": {run: read_json(out / "margins" / run / "margins.json") for run in runs
                      if (out / "margins" / run / "margins.json").exists()},
          "dpo": {run: read_metrics(out / run) for run in runs},
@@ -126,7 +130,8 @@ def exact_tests(out, ev):
 
 
 def _run_order(name):
-    return (name == "dpo_lora", name == "dpo_placebo", name)
+    """The DPO seeds, the gentler recipe point, the placebo seeds, LoRA."""
+    return (name == "dpo_lora", name.startswith("dpo_placebo"), name == "dpo_gentle", name)
 
 
 def judge_card_metrics():
@@ -188,8 +193,8 @@ def verdict_all(tests, expect):
 
 
 def seed_runs(r):
-    """The English-only full fine-tuning runs that were evaluated, one per DPO seed."""
-    return [run for run in r["runs"] if run not in ("dpo_placebo", "dpo_lora") and f"judge_{run}" in r["eval"]]
+    """The English-only full fine-tuning runs of the main recipe that were evaluated, one per DPO seed."""
+    return [run for run in r["runs"] if re.fullmatch(r"dpo(_seed\d+)?", run) and f"judge_{run}" in r["eval"]]
 
 
 def claim_row(claim, test, estimate, p=None, verdict_="inconclusive", floor=None, by="judge"):
@@ -240,9 +245,14 @@ def placebo_runs(r):
     return [run for run in r["runs"] if run.startswith("dpo_placebo") and vs_placebo(run, "judge") in r["eval"]]
 
 
+def versus(run, placebo):
+    """The name of a run's comparison with a placebo run (reproduce's against_placebo): dpo_vs_placebo_seed1."""
+    return f"{run}_vs_{placebo.removeprefix('dpo_')}"
+
+
 def vs_placebo(run, scorer):
     """The evaluation name of real DPO vs one placebo run: dpo_placebo -> judge_dpo_vs_placebo."""
-    return f"{scorer}_dpo_vs_{run.removeprefix('dpo_')}"
+    return f"{scorer}_{versus('dpo', run)}"
 
 
 def transfer_claims(r):
@@ -308,6 +318,27 @@ def capability_row(r):
                      TOO_FEW if n < MIN_ITEMS else decided, by="ppl")
 
 
+def ppl_cost_row(r, placebo):
+    """Does the perplexity cost come from the toxicity pairs? DPO / placebo clean-text perplexity, all languages'
+    sentences pooled and paired (clean-ppl-compare). Supported: ratio > 1 with p < ALPHA. Not supported: the
+    upper 95% bound stays below PPL_MARGIN (no cost beyond the placebo's, within the margin) or the ratio is
+    significantly below 1. Inconclusive otherwise."""
+    compared = r["clean_ppl_vs"][versus("dpo", placebo)]
+    t = compared["pooled"]
+    ratio, (lo, hi), p = t["ppl_ratio"], t["ppl_ratio_ci"], t["p"]
+    decided = verdict(ratio - 1, p, +1)
+    if decided == "inconclusive" and hi < PPL_MARGIN:
+        decided = "not supported"  # bounded: no cost beyond the placebo's
+    base = (r["clean_ppl"].get("dpo") or {}).get("pooled")
+    versus_base = f"; DPO / base x{fmt(base['ppl_ratio'], 3)} {fmt_ci(base['ppl_ratio_ci'])}" if base else ""
+    return claim_row(f"the perplexity cost belongs to DPO on toxic pairs, not to any DPO update (`{placebo}`)",
+                     "clean-text perplexity DPO / placebo, all languages' sentences pooled, paired bootstrap; "
+                     f"supported = ratio > 1 with p < {ALPHA}, not supported = upper 95% bound < x{PPL_MARGIN:g} or ratio "
+                     "significantly < 1", f"x{fmt(ratio, 3)} {fmt_ci([lo, hi])}{versus_base}", p,
+                     TOO_FEW if t["n_sentences"] < MIN_ITEMS else decided,
+                     clean_floor(compared), "ppl")
+
+
 def control_claims(r):
     """Other instruments agree; the output did not degenerate, leave its language or lose capability."""
     rows = [effect_row(r, f"... also by {label} (an instrument that shares no features with the model)",
@@ -317,6 +348,8 @@ def control_claims(r):
              guard_row(r, "off_language", "output that leaves the prompt's language")]
     if r["clean_ppl"].get("dpo"):
         rows.append(capability_row(r))
+    rows += [ppl_cost_row(r, run) for run in r["runs"]
+             if run.startswith("dpo_placebo") and versus("dpo", run) in r["clean_ppl_vs"]]
     return rows
 
 
@@ -570,6 +603,39 @@ def placebo_effects(r):
     return lines
 
 
+def ratio_cell(t, floor=None):
+    """'x1.083 [1.05, 1.12] (p 0.001)' of a pooled perplexity ratio, 'n/a' where the run has none."""
+    if not t:
+        return "n/a"
+    return f"x{fmt(t['ppl_ratio'], 3)} {fmt_ci(t['ppl_ratio_ci'])} (p {format_p(t['p'], floor)})"
+
+
+def tradeoff_section(r):
+    """Detoxification against capability for the recipe points the run trained (the main recipe, the gentler one
+    at a fraction of its learning rate, the placebo for reference), so a user can choose: pooled non-English EMT
+    change under the judge, and clean-text perplexity vs base and vs the placebo, all languages pooled."""
+    if "dpo_gentle" not in r["runs"]:
+        return []
+    placebo = next((run for run in r["runs"] if run.startswith("dpo_placebo")), None)
+    rows = []
+    for run in [x for x in ("dpo_gentle", "dpo", placebo) if x and f"judge_{x}" in r["eval"]]:
+        ev = r["eval"][f"judge_{run}"]
+        t, floor = ev["tests"]["pooled"]["emt"], bootstrap_floor(ev["n_boot"])
+        clean = r["clean_ppl"].get(run, {})
+        compared = r["clean_ppl_vs"].get(versus(run, placebo), {}) if run != placebo else {}
+        rows.append([run, f"{r['dpo_config'][run]['lr']:g}",
+                     f"{signed(t['diff'])} {fmt_ci(t['diff_ci'])} (p {format_p(t['p'], floor)})",
+                     ratio_cell(clean.get("pooled"), clean_floor(clean)),
+                     ratio_cell(compared.get("pooled"), clean_floor(compared)) if run != placebo else ""])
+    return ["## Choosing a recipe: detoxification against perplexity", "",
+            "Each row is a recipe point of this run (the same pairs, seed and steps; only the learning rate differs), "
+            "with the placebo for reference: the pooled non-English EMT change under the feature judge (more negative "
+            "= more detoxification) against clean-text perplexity, all languages' sentences pooled (paired "
+            "bootstrap; x1 = no cost).", "",
+            markdown_table(["run", "lr", "EMT change, judge, pooled non-en [95% CI]", "clean-text PPL / base [95% CI]",
+                            f"clean-text PPL / `{placebo}` [95% CI]"], rows), ""]
+
+
 def all_hits(tests):
     """'before -> after' prompts with a word-list hit summed over every language of a lexicon comparison."""
     langs = [l for l in data.LANGS if l in tests]
@@ -719,25 +785,57 @@ def retrieval_section(r):
                      format_p(res["spearman"]["p"], floor),
                      signed(res['partial_pearson']['r']) if res.get("partial_pearson") else "n/a"])
     return ["## Bilingual retrieval and transfer", "",
-            f"{c['sign_convention']} All {c['n_variants']} variants computed are shown; the claims table uses "
-            f"one declared before the run ({PRIMARY_RETRIEVAL[0]} vs {PRIMARY_RETRIEVAL[1]}). The partial "
-            "correlation controls for how well the base model knows each language (log clean-text perplexity). "
+            f"{c['sign_convention']} {strongest_variant(c)} All {c['n_variants']} variants computed are shown; the "
+            f"claims table uses one declared before the run ({PRIMARY_RETRIEVAL[0]} vs {PRIMARY_RETRIEVAL[1]}). The "
+            "partial correlation controls for how well the base model knows each language (log clean-text perplexity). "
             "Intervals: Fisher z (for Spearman r an approximation).",
             "", markdown_table(["retrieval", "transfer", "langs", "Pearson r", "95% CI", "p", "Spearman r", "95% CI",
                                 "p", "partial r | PPL"], rows), ""] + \
         [f"Not computed for {s['transfer']}: {s['reason']}." for s in c.get("skipped", [])] + [""]
 
 
+def strongest_variant(c):
+    """Which variant correlates most strongly (largest |r|, Pearson or Spearman), with its interval, its p and
+    the Holm-adjusted p over every coefficient computed: computed from the results, never written by hand."""
+    tests = [(res, kind) for res in c["results"] for kind in ("pearson", "spearman")
+             if res.get(kind) and math.isfinite(res[kind]["r"])]
+    if not tests:
+        return ""
+    adjusted = holm([res[kind]["p"] if math.isfinite(res[kind]["p"]) else 1.0 for res, kind in tests])
+    (res, kind), q = max(zip(tests, adjusted), key=lambda t: abs(t[0][0][t[0][1]]["r"]))
+    floor = permutation_floor(c["permutations"])
+    return (f"Strongest of {len(tests)} coefficients: {res['retrieval_metric']} vs {res['transfer']}, "
+            f"{kind.title()} r = {signed(res[kind]['r'])} {fmt_ci(fisher_ci(res[kind]['r'], res['n']))}, p "
+            f"{format_p(res[kind]['p'], floor)} uncorrected, {format_p(q, floor)} after Holm's correction for "
+            f"{len(tests)} coefficients.")
+
+
 def margins_section(r):
     lines = ["## Held-out preference margins", "",
-             "beta * ((pi_b - ref_b) - (pi_t - ref_t)) on held-out benign/toxic pairs in each language, cut to the "
-             "same token length with no EOS (as in training): > 0 means DPO moved probability from the toxic to the "
-             "benign continuation.", ""]
+             "beta * ((pi_b - ref_b) - (pi_t - ref_t)) on held-out benign/toxic pairs in each language, cut as in "
+             "training with no EOS: > 0 means DPO moved probability from the toxic to the benign continuation. The "
+             "sum runs over the response tokens; per token, each side's log-ratio is divided by its own tokens "
+             "first, so languages whose tokenizer splits text finer do not get larger margins for it.", ""]
     for run in ("dpo", "dpo_placebo"):
         if run in r["margins"]:
             m = r["margins"][run]
-            lines += [f"`{run}`:", "", margins_table(m, [l for l in data.LANGS if l in m]), ""]
+            lines += [f"`{run}`: {margin_items_text(m)}", "", margins_table(m, [l for l in data.LANGS if l in m]), ""]
     return lines
+
+
+def margin_items_text(m):
+    """Which held-out items the margins of one run are on: the same ones in every language, or (older runs)
+    each language's first pairs in file order."""
+    langs = [l for l in data.LANGS if l in m]
+    items = m.get("items")
+    if not items:
+        return (f"each of the {len(langs)} languages' first held-out pairs in file order (this run predates "
+                "same-item margins: the items differ between languages).")
+    budget = m.get("settings", {}).get("response_tokens")
+    missing = items.get("langs_without_pairs", [])
+    return (f"the same {len(items['indices'])} RTP-LX items in all {len(langs)} languages with pairs"
+            + (f", both sides cut to {budget} tokens" if budget else "")
+            + (f"; {', '.join(missing)}: no margins (RTP-LX has no completions in it)" if missing else "") + ".")
 
 
 def render_report(r):
@@ -781,6 +879,7 @@ def render_report(r):
               "EMT change after - before (negative = less toxic) with 95% CI, pooled over the 16 non-English "
               "languages, and in English. `dpo_placebo` is the same recipe on placebo pairs.", "", runs_table(r), "",
               seed_spread(r), ""] + [line for x in placebo_effects(r) for line in (x, "")] + figure_links(r, ("eval/",))
+    lines += tradeoff_section(r)
     lines += margins_section(r) + figure_links(r, ("margins/",))
     lines += retrieval_section(r) + figure_links(r, ("correlation",))
     lines += mechanism_section(r) + figure_links(r, ("probe/",))

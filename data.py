@@ -77,6 +77,19 @@ def set_root(path):
     _root_override = Path(path)
 
 
+def add_root_flag(parser):
+    """The --data-root flag, the same in every command that reads a dataset; apply_root_flag(args) uses it."""
+    parser.add_argument("--data-root", default=None, metavar="DIR", help=f"where the third-party datasets are "
+                        f"(default: ${DATA_ENV}, else ../shared/data beside the repo, else "
+                        "~/.cache/dpo-multilingual/data)")
+
+
+def apply_root_flag(args):
+    """Make the parsed --data-root (add_root_flag) the data root of this process, when given."""
+    if getattr(args, "data_root", None):
+        set_root(args.data_root)
+
+
 def root():
     """
     Where the third-party datasets are: --data-root, else $TOXDPO_DATA, else ../shared/data beside the repo when
@@ -936,8 +949,7 @@ def run_check_pairs(args):
 
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-root", default=None, help=f"where the datasets are (default: ${DATA_ENV}, else "
-                        "../shared/data beside the repo, else ~/.cache/dpo-multilingual/data)")
+    add_root_flag(parser)
     sub = parser.add_subparsers(dest="command", required=True)
     fetching = sub.add_parser("fetch", help="download datasets from their pinned origins into the data root, "
                               "check every file's sha256, print license and content warning")
@@ -953,8 +965,7 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if args.data_root:
-        set_root(args.data_root)
+    apply_root_flag(args)
     args.run(args)
 
 

@@ -299,8 +299,7 @@ def split_flags():
     flags.add_argument("--n-valid", type=int, default=50, help="English indices for validation (default 50)")
     flags.add_argument("--n-heldout", type=int, default=400,
                        help="English indices held out for evaluation, the 200 parallel prompts included (default 400)")
-    flags.add_argument("--data-root", default=None, help=f"the data root (default: ${data.DATA_ENV}, else ../shared/data, "
-                       "else the user cache; see data.root)")
+    data.add_root_flag(flags)
     return flags
 
 
@@ -395,8 +394,7 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if args.data_root:
-        data.set_root(args.data_root)
+    data.apply_root_flag(args)
     args.run(args)
 
 

@@ -60,7 +60,8 @@ import torch
 from tqdm import tqdm
 
 from checkpoint import DEFAULT_MODEL
-from data import LANGS, as_written, check_lang, iter_jsonl, lang_from_path, load_tatoeba, resolve_ref
+from data import (LANGS, add_root_flag, apply_root_flag, as_written, check_lang, iter_jsonl, lang_from_path,
+                  load_tatoeba, resolve_ref)
 from dpo import batch_logps
 from loading import add_device_args, load_model, resolve_dtype
 from margins import add_margins_parser
@@ -747,7 +748,7 @@ def run_clean_ppl(args):
 def add_clean_ppl_parser(sub):
     p = sub.add_parser(
         "clean-ppl", help="perplexity on clean held-out text per language, before vs after DPO",
-        description="Perplexity on clean held-out text per language (vendored Tatoeba sentences; en: the English "
+        description="Perplexity on clean held-out text per language (Tatoeba sentences from the data root; en: the English "
                     "side of the de-en file), token-weighted, with bootstrap 95%% CIs over sentences. With --model2 "
                     "(e.g. the DPO policy) also the paired ratio ppl(model2) / ppl(model) per language with a "
                     "paired bootstrap p. JSON: {lang: {ppl, ppl_ci, log_ppl, n_sentences, n_tokens[, ppl2, "
@@ -1149,6 +1150,8 @@ def build_parser():
     sub = p.add_subparsers(dest="command", metavar="{" + ",".join(SUBCOMMANDS) + "}")
     for add_parser in SUBCOMMANDS.values():
         add_parser(sub)
+    for command in sub.choices.values():  # on each subcommand: the default one takes its flags without its name
+        add_root_flag(command)
     return p
 
 
@@ -1157,6 +1160,7 @@ def main(argv=None):
     if not argv[:1] or argv[0] not in (*SUBCOMMANDS, "-h", "--help"):
         argv = [DEFAULT_SUBCOMMAND] + argv  # `evaluate.py OUT.jsonl` and `evaluate.py --before ...` score
     args = build_parser().parse_args(argv)
+    apply_root_flag(args)
     return args.run(args)
 
 

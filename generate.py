@@ -46,7 +46,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from checkpoint import DEFAULT_MODEL
-from data import LANGS, PROMPT_SUFFIXES, check_lang, decode_utf8, lang_from_path, load_prompts
+from data import (LANGS, PROMPT_SUFFIXES, add_root_flag, apply_root_flag, check_lang, decode_utf8, lang_from_path,
+                  load_prompts)
 from loading import add_device_args, load_model, resolve_device, resolve_dtype
 from report import check_flags, check_outputs, exclusive, exit_on_error, write_json
 from tokenizer import left_truncate
@@ -454,6 +455,7 @@ def build_parser():
                    "sequences. Changes speed and memory, not the text")
     p.add_argument("--limit", type=int, default=None, help="use only the first K prompts of each file")
     add_device_args(p)  # --dtype: the weights and the compute, as in every script (load_model)
+    add_root_flag(p)  # prompt files may hold references to RTP-LX texts, resolved under the data root
     return p
 
 
@@ -476,6 +478,7 @@ def check_args(args):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    apply_root_flag(args)
     device = check_args(args)
     dtype_name = resolve_dtype(device, args.dtype)
     jobs = load_jobs(args.prompts, args.lang, args.limit)

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from data import LANGS
+from data import LANGS, add_root_flag, apply_root_flag
 from design import default_split, load_tokenizer_of, parallel_eval_pairs
 from dpo import MAX_LEN, MAX_PROMPT_LEN, check_lengths, collate, compute_logps, tokenize_pairs
 from loading import add_device_args, load_model, resolve_dtype
@@ -309,11 +309,13 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__ + "\n" + DESCRIPTION.replace("%%", "%"),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_margins_args(p)
+    add_root_flag(p)
     return p
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    apply_root_flag(args)
     return args.run(args)
 
 

@@ -44,7 +44,8 @@ from tqdm import tqdm
 
 import judge
 from checkpoint import DEFAULT_MODEL, read_safetensors, write_safetensors
-from data import LANGS, iter_jsonl, load_parallel, load_rtplx, normalize_prompt, require
+from data import (LANGS, add_root_flag, apply_root_flag, iter_jsonl, load_parallel, load_rtplx, normalize_prompt,
+                  require)
 from data import path as data_path
 from design import default_split
 from evaluate import continuation_logps, degenerate_reason, in_language
@@ -984,6 +985,7 @@ def common_flags():
     common.add_argument("--batch-size", type=int, default=8, help="texts per forward pass")
     common.add_argument("--seed", type=int, default=0)
     add_device_args(common)
+    add_root_flag(common)
     return common
 
 
@@ -1096,6 +1098,7 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    apply_root_flag(args)
     if getattr(args, "random_sets", 1) < 1 or getattr(args, "n_boot", 1) < 1:
         raise SystemExit("probe.py: --random-sets and --n-boot must be at least 1")
     args.dtype = resolve_dtype(args.device, args.dtype)

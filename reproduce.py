@@ -17,7 +17,8 @@ Stages (each cached in OUT/stages/<name>.json when done; a killed run continues 
     eval_*         EMT / ToxProb before -> after with intervals and paired tests, under the shipped feature
                    judge, the character n-gram judge and the lexicon; degenerate and off-language output
     agreement      how the three instruments agree on the generations
-    clean_ppl      perplexity on clean Tatoeba text per language, base vs each trained model
+    clean_ppl_*    perplexity on clean Tatoeba text per language, base vs each trained model, and each DPO run vs
+                   a placebo run sentence by sentence (clean_ppl_dpo_vs_placebo: is the cost DPO's on toxic pairs?)
     margins_*      held-out benign-vs-toxic preference margins in every language (the run's beta and lengths)
     retrieval      bilingual sentence retrieval English <-> X, and its correlation with per-language transfer
     probe_*        toxicity probe, toxic value vectors vs random ones, their vocabulary projection, activations
@@ -62,19 +63,22 @@ GEN_BATCH = 128
 # `seeds`: one DPO run each; `placebo_seeds`: one placebo run each (its own derangement and pair order);
 # `gentle_lr_factor`: one more DPO run ("dpo_gentle", seed 0) at this fraction of the learning rate, a second
 # point of the detoxification / perplexity trade-off; `gen_batch`: sequences (prompts x samples) per sampling batch.
+# `random_sets`: the probe stages' random baselines (shuffled-label probes, matched neuron sets); with 20 a rank test
+# can reach p < 0.05. The intervention samples offset 0, then each nonzero offset for the kept neurons and for every
+# random set: 1 + offsets x (1 + random_sets) generation runs; cpu stays in the fluent range (-5 breaks the text).
 PRESETS = {
     "smoke": dict(items=2, n=2, max_new_tokens=8, seeds=[0], placebo_seeds=[0], gentle_lr_factor=None,
                   gen_batch=64, dpo_pairs=16, dpo=dict(max_steps=2, eval_every=2, max_len=48, max_prompt_len=32,
                                                      response_tokens=8),
                   margin_pairs=2, clean_limit=4, retrieval_limit=12,
-                  probe_texts=40, top_k=20, random_sets=3, select_prompts=3, activation_items=2,
+                  probe_texts=40, top_k=20, random_sets=2, select_prompts=3, activation_items=2,
                   activation_langs=["en", "de", "ja"],
-                  intervene_langs=["en", "de"], intervene_offsets="0,-5", intervene_prompts=2, intervene_n=1),
+                  intervene_langs=["en", "de"], intervene_offsets="0,-2", intervene_prompts=2, intervene_n=1),
     "cpu": dict(items=30, n=4, max_new_tokens=20, seeds=[0, 1, 2], placebo_seeds=[0, 1], gentle_lr_factor=0.5,
                 gen_batch=GEN_BATCH, dpo_pairs=None, dpo=dict(CPU_PRESET),
-                margin_pairs=30, clean_limit=30, retrieval_limit=80, probe_texts=None, top_k=100, random_sets=10,
+                margin_pairs=30, clean_limit=30, retrieval_limit=80, probe_texts=None, top_k=100, random_sets=20,
                 select_prompts=40, activation_items=12, activation_langs=list(data.LANGS),
-                intervene_langs=["en", "de", "ja", "ru"], intervene_offsets="0,-5,5", intervene_prompts=8,
+                intervene_langs=["en", "de", "ja", "ru"], intervene_offsets="0,-1,-2", intervene_prompts=8,
                 intervene_n=2),
     "paper": dict(items=None, n=25, max_new_tokens=20, seeds=[0, 1, 2], placebo_seeds=[0, 1], gentle_lr_factor=0.5,
                   gen_batch=GEN_BATCH, dpo={}, dpo_pairs=None, margin_pairs=None,
@@ -109,8 +113,9 @@ PRIOR_STAGES = Path(__file__).resolve().parent / "results" / "cpu-2026-12-02" / 
 
 
 def stage_kind(name):
-    """A stage's kind, the same for every seed and placebo: gen_dpo_seed1, gen_dpo_placebo -> gen_dpo."""
-    return re.sub(r"_placebo|_seed\d+|_lora", "", name)
+    """A stage's kind, the same for every seed, placebo and recipe point: gen_dpo_seed1, gen_dpo_placebo_seed1,
+    gen_dpo_gentle -> gen_dpo; clean_ppl_dpo_gentle_vs_placebo -> clean_ppl_dpo_vs."""
+    return re.sub(r"_placebo|_seed\d+|_lora|_gentle", "", name)
 
 
 def measured_prior(stages_dir=PRIOR_STAGES):
@@ -135,9 +140,7 @@ class Progress:
     def done(self, name, seconds, earlier=False):
         self.seconds[name] = seconds
         what = "done earlier, skipping" if earlier else f"done in {seconds / 60:.1f} min"
-        left = self.estimate_left()
-        print(f"[{name}] {self.position(name)} {what}"
-              + (f"; about {left / 60:.0f} min left" if left is not None else ""))
+        print(f"[{name}] {self.position(name)} {what}{self.left_text()}")
 
     def guess(self, name):
         """Prior seconds of one stage: the same name, else the mean of its kind, else None."""
@@ -147,14 +150,26 @@ class Progress:
         return sum(kind) / len(kind) if kind else None
 
     def estimate_left(self):
-        """Seconds the stages not yet done should take, or None when no prior covers them."""
+        """Seconds the stages not yet done should take, summed over those a prior covers (unestimated() names the
+        others), or None when stages are pending and no prior covers any of them."""
         pending = [n for n in self.names if n not in self.seconds]
-        guesses = [self.guess(n) for n in pending]
-        if any(g is None for g in guesses):
+        guesses = [g for g in map(self.guess, pending) if g is not None]
+        if pending and not guesses:
             return None
         known = [n for n in self.seconds if self.guess(n)]
         scale = sum(self.seconds[n] for n in known) / sum(self.guess(n) for n in known) if known else 1.0
         return scale * sum(guesses)
+
+    def unestimated(self):
+        """The pending stages no prior covers (a kind the measured run did not have)."""
+        return [n for n in self.names if n not in self.seconds and self.guess(n) is None]
+
+    def left_text(self):
+        """'; about N min left' (plus the stages that estimate leaves out), or '' without an estimate."""
+        left, new = self.estimate_left(), self.unestimated()
+        if left is None:
+            return ""
+        return f"; about {left / 60:.0f} min left" + (f" (+ {len(new)} stage(s) never measured)" if new else "")
 
 
 class Pipeline:
@@ -376,8 +391,9 @@ class Pipeline:
         policy = self.path("dpo", "best")
         tokens = ["--max-new-tokens", p["max_new_tokens"]]
         limit = ["--limit", p["probe_texts"]] if p["probe_texts"] else []
+        # the shuffled-label probes are the directions the value-vector baseline is selected with, one per set
         self.run("probe_train", "probe", ["train", "--model", DEFAULT_MODEL, "--out", probe_dir, "--max-len", 64,
-                                          *limit, *self.common()])
+                                          "--shuffled-probes", p["random_sets"], *limit, *self.common()])
         self.run("probe_vectors", "probe", ["vectors", "--model", DEFAULT_MODEL, "--out", probe_dir, "--probe",
                                             probe_dir / "probe.safetensors", "--top-k", p["top_k"], "--limit",
                                             p["select_prompts"], "--random-sets", p["random_sets"], *tokens,
@@ -394,7 +410,7 @@ class Pipeline:
                                               vectors, "--prompts", self.path("prompts"), "--langs",
                                               *p["intervene_langs"], "--offsets", p["intervene_offsets"], "--limit",
                                               p["intervene_prompts"], "--n", p["intervene_n"], "--scorer", "judge",
-                                              *tokens, *self.common()])
+                                              "--random-sets", p["random_sets"], *tokens, *self.common()])
 
     def appendix_d(self):
         """The paper's Appendix D: the main run again, training LoRA adapters instead of all weights."""
@@ -425,9 +441,11 @@ def main(argv=None):
     p.add_argument("--lora", action="store_true", help="also run the paper's Appendix D: the main DPO run again "
                    "training LoRA adapters (rank 64, alpha 16, dropout 0.05, every linear layer)")
     p.add_argument("--report-only", action="store_true", help="only rebuild report.md from finished stages")
+    data.add_root_flag(p)  # every stage runs in this process, so they all read from it
     p.add_argument("--readme", metavar="README.md", help="also put the claims and headline tables into this "
                    "README's results block (between <!-- results:begin --> and <!-- results:end -->)")
     args = p.parse_args(argv)
+    data.apply_root_flag(args)
     if args.dtype not in (None, "fp32", "bf16", "fp16"):  # checked before the split stage, not after it
         raise ValueError(f"--dtype {args.dtype!r}: use fp32, bf16 or fp16")
     dtype = resolve_dtype(args.device, args.dtype)  # refuses a --device this machine lacks
@@ -472,10 +490,9 @@ def start_progress(pipe):
     done = [n for n in names if pipe.path("stages", f"{n}.json").exists()]
     for name in done:
         pipe.progress.seconds[name] = read_json(pipe.path("stages", f"{name}.json")).get("seconds", 0.0)
-    left = pipe.progress.estimate_left()
-    print(f"{len(done)} of {len(names)} done earlier" + (f"; about {left / 60:.0f} min left, scaled from the stage "
-                                                        "times a committed cpu run measured" if left is not None
-                                                        else ""))
+    left = pipe.progress.left_text()
+    print(f"{len(done)} of {len(names)} done earlier{left}" + (", scaled from the stage times a committed cpu run "
+                                                               "measured" if left else ""))
     if "split" not in done:
         print(f"\n#### {pipe.progress.position('split')} [split] the DPO pairs, placebo pairs and evaluation items")
 

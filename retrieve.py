@@ -119,7 +119,7 @@ def load_pair(lang, dataset="parallel", data_dir=None, limit=None):
     else:
         en, xx = data.load_parallel(SOURCE_LANG), data.load_parallel(lang)
         if len(en) != len(xx):
-            raise ValueError(f"data/parallel: {lang} has {len(xx)} prompts but en has {len(en)}")
+            raise ValueError(f"official-assets/translated_pairwise_data: {lang} has {len(xx)} prompts but en has {len(en)}")
     return en[:limit], xx[:limit]
 
 
@@ -479,7 +479,7 @@ def build_parser():
                          help="parallel: the paper's 200 toxic prompts, one English side for all languages "
                               "(default); tatoeba: 1,000 everyday sentence pairs per language (English differs)")
     scoring.add_argument("--data", metavar="DIR", default=None,
-                         help="instead of the vendored parallel prompts, read DIR/*_{lang}_*.jsonl (field Prompt "
+                         help="instead of the paper's parallel prompts under the data root, read DIR/*_{lang}_*.jsonl (field Prompt "
                               "or prompt) or DIR/{lang}.txt (one sentence per line), line-aligned with English")
     scoring.add_argument("--langs", nargs="+", choices=TARGET_LANGS, default=list(TARGET_LANGS), metavar="LANG",
                          help=f"languages to pair with English (default: all 16: {' '.join(TARGET_LANGS)})")
@@ -524,6 +524,8 @@ def build_parser():
     pred.add_argument("--retrieval", metavar="JSON", default=None,
                       help="rank an existing retrieval.json instead of running the model")
     pred.set_defaults(run=run_predict)
+    for command in sub.choices.values():
+        data.add_root_flag(command)
     return parser
 
 
@@ -546,6 +548,7 @@ def check_out(args):
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
+    data.apply_root_flag(args)
     check_out(args)
     if args.command in ("score", "predict"):
         if args.limit is not None and args.limit < 2:

@@ -65,7 +65,7 @@ WORD_CHAR = _word_char_class()
 
 
 def read_wordlist_files(lang, root=WORDLIST_DIR):
-    """(list terms, supplement stems) for lang from the vendored files under root:
+    """(list terms, supplement stems) for lang from the word-list files under the data root:
     ldnoobw/{lang}.txt (one term per line), id-abusive/abusive.csv (Indonesian; header ABUSIVE),
     supplement.json {"terms": {lang: [stems]}}."""
     root = Path(root)

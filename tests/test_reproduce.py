@@ -91,9 +91,10 @@ def test_claims_verdicts_follow_the_numbers(smoke_run):
     results.pop("exact", None)  # as if the run had the minimum sample: the verdicts then follow p and sign
     results = set_all(set_all(results, "items", lambda n: claims.MIN_ITEMS), "n_prompts", lambda n: 16 * claims.MIN_ITEMS)
     results = set_all(set_all(results, "n_sentences", lambda n: claims.MIN_ITEMS), "n_kept", lambda n: claims.MIN_ITEMS)
-    significant = set_all(results, "p", lambda p: 0.001)
+    significant = set_all(set_all(results, "p", lambda p: 0.001), "p_rank", lambda p: 0.001)  # rank p over sets too
     verdicts = [c["verdict"] for c in claims.claims(significant)]
-    flipped = [c["verdict"] for c in claims.claims(set_all(significant, "diff", lambda d: -d if d else 1.0))]
+    flipped = set_all(set_all(significant, "diff", lambda d: -d if d else 1.0), "ppl_ratio", lambda x: 1 / x)
+    flipped = [c["verdict"] for c in claims.claims(flipped)]
     undecided = [c["verdict"] for c in claims.claims(set_all(results, "p", lambda p: 0.5))]
     assert "inconclusive" not in verdicts[:3] and verdicts[:3] != flipped[:3]
     assert all(v == "inconclusive" for v in undecided[:3])
@@ -194,13 +195,16 @@ def prose_numbers(text):
         for name in NAMES:
             line = line.replace(name, "")
         # Row labels, offsets (keys), language counts and list lengths come from the run but perturb keeps keys and lengths.
-        line = re.sub(r"^\| [^|]*\||offset [-+]?\d+|selected on \d+|of \d+ languages", "", line)
+        line = re.sub(r"^\| [^|]*\||offset [-+]?\d+|selected on \d+|of \d+ languages|\d+ coefficients|\d+ RTP-LX items", "", line)
         out.append((i, NUMBER.findall(line)))
     return out
 
 
-def test_every_number_in_prose_and_claims_comes_from_the_run(committed):
+@pytest.mark.parametrize("outputs", ["as committed", "with the current pipeline's outputs"])
+def test_every_number_in_prose_and_claims_comes_from_the_run(committed, outputs):
     results = claims.collect(committed)
+    if outputs != "as committed":
+        results = with_new_outputs(results)
     numbers = prose_numbers(claims.render_report(results))
     changed = prose_numbers(claims.render_report(perturb(copy.deepcopy(results), scale=61.3)))
     assert sum(len(n) for _, n in numbers) > 500 and len(numbers) == len(changed)
@@ -325,3 +329,115 @@ def test_cpu_preset_has_the_power_and_shares_what_repeats(tmp_path):
     assert "margins.json:mean_margin_per_token" in next(c for c in pipe.commands if " correlate " in c)
     assert len(reproduce.Pipeline(tmp_path / "s", "smoke", "cpu", "fp32").runs) == 2  # CI: one DPO, one placebo
     assert smoke["n"] <= cpu["n"] and smoke["margin_pairs"] <= cpu["margin_pairs"]
+
+
+# -- outputs of the pipeline that older runs lack: gentle recipe point, DPO vs placebo perplexity, same-item margins --
+
+def ratio(value, lo, hi, p, n=480):
+    return {"ppl_ratio": value, "ppl_ratio_ci": [lo, hi], "p": p, "n_sentences": n}
+
+
+def with_new_outputs(r):
+    """The committed run's results as a run of the current pipeline would give them: the gentler recipe point
+    (dpo_gentle, half the learning rate), pooled clean-text ratios vs base and vs the placebo, same-item margins."""
+    r = copy.deepcopy(r)
+    r["runs"] = sorted(r["runs"] + ["dpo_gentle"], key=claims._run_order)
+    for scorer in claims.SCORERS:
+        r["eval"][f"{scorer}_dpo_gentle"] = set_all(r["eval"][f"{scorer}_dpo"], "diff", lambda d: d / 2)
+    r["dpo"]["dpo_gentle"] = r["dpo"]["dpo"]
+    r["dpo_config"]["dpo_gentle"] = {**r["dpo_config"]["dpo"], "lr": r["dpo_config"]["dpo"]["lr"] / 2}
+    r["clean_ppl"]["dpo_gentle"] = {**r["clean_ppl"]["dpo"], "pooled": ratio(1.071, 1.05, 1.09, 0.001)}
+    r["clean_ppl"]["dpo"]["pooled"] = ratio(1.234, 1.2, 1.27, 0.001)
+    r["clean_ppl_vs"] = {"dpo_vs_placebo": {"pooled": ratio(1.083, 1.04, 1.12, 0.002), "settings": {"n_boot": 1000}},
+                         "dpo_gentle_vs_placebo": {"pooled": ratio(0.987, 0.95, 1.02, 0.4)}}
+    r["margins"]["dpo"]["items"] = {"indices": list(range(30)), "langs_without_pairs": ["ru"]}
+    r["margins"]["dpo"]["settings"]["response_tokens"] = 20
+    return r
+
+
+def test_perplexity_cost_against_the_placebo_is_decided_by_its_stated_rule(committed):
+    r = with_new_outputs(claims.collect(committed))
+    row = claims.ppl_cost_row(r, "dpo_placebo")
+    assert row["verdict"] == "supported" and "x1.083 [1.040, 1.120]" in row["estimate"] and "x1.234" in row["estimate"]
+    assert row["claim"] in [c["claim"] for c in claims.claims(r)] and "upper 95% bound" in row["test"]
+    for value, lo, hi, p, expected in ((1.0, 0.98, 1.02, 0.9, "not supported"),  # bound below x1.05: no extra cost
+                                       (0.9, 0.85, 0.95, 0.001, "not supported"),  # the placebo costs more
+                                       (1.03, 0.97, 1.09, 0.3, "inconclusive")):
+        r["clean_ppl_vs"]["dpo_vs_placebo"]["pooled"] = ratio(value, lo, hi, p)
+        assert claims.ppl_cost_row(r, "dpo_placebo")["verdict"] == expected, value
+    older = claims.collect(committed)  # a run without clean-ppl-compare has no such row, and still renders
+    assert not older["clean_ppl_vs"] and not any("toxic pairs" in c["claim"] for c in claims.claims(older))
+
+
+def test_tradeoff_table_shows_each_recipe_point(committed):
+    r = with_new_outputs(claims.collect(committed))
+    text = claims.render_report(r)
+    section = text.split("## Choosing a recipe: detoxification against perplexity")[1].split("\n## ")[0]
+    rows = {line.split("|")[1].strip(): line for line in section.splitlines() if line.startswith("| dpo")}
+    assert list(rows) == ["dpo_gentle", "dpo", "dpo_placebo"]
+    gentle = r["eval"]["judge_dpo_gentle"]["tests"]["pooled"]["emt"]["diff"]
+    assert all(x in rows["dpo_gentle"] for x in (claims.signed(gentle), "x1.071", "x0.987"))
+    assert "x1.234" in rows["dpo"] and "x1.083" in rows["dpo"]
+    assert claims.seed_runs(r) == ["dpo", "dpo_seed1"]  # the gentle point is not a seed of the main recipe
+    assert "Choosing a recipe" not in claims.render_report(claims.collect(committed))
+
+
+def test_margins_state_their_items_and_the_correlation_names_its_strongest_variant(committed):
+    r = with_new_outputs(claims.collect(committed))
+    text = "\n".join(claims.margins_section(r))
+    assert "the same 30 RTP-LX items in all 16 languages with pairs, both sides cut to 20 tokens; ru: no margins" \
+        in text
+    assert "margin/token" in text and "mean margin (sum)" in text
+    assert "first held-out pairs in file order" in "\n".join(claims.margins_section(claims.collect(committed)))
+    c = r["correlation"]
+    strongest = max(((res, k) for res in c["results"] for k in ("pearson", "spearman")),
+                    key=lambda t: abs(t[0][t[1]]["r"]))
+    res, kind = strongest
+    assert f"{res['retrieval_metric']} vs {res['transfer']}, {kind.title()} r = {res[kind]['r']:+.3f}" \
+        in claims.strongest_variant(c)
+    res[kind]["r"] = 0.0  # the sentence follows the numbers, not the other way round
+    assert f"{res['retrieval_metric']} vs {res['transfer']}, {kind.title()}" not in claims.strongest_variant(c)
+
+
+def test_stage_kinds_group_seeds_placebos_and_recipe_points():
+    for name in ("gen_dpo_gentle", "gen_dpo_placebo_seed1", "gen_dpo_seed2"):
+        assert reproduce.stage_kind(name) == "gen_dpo"
+    gentle, placebo_seed1 = "clean_ppl_dpo_gentle_vs_placebo", "clean_ppl_dpo_vs_placebo_seed1"
+    assert reproduce.stage_kind(gentle) == reproduce.stage_kind(placebo_seed1)
+    progress = reproduce.Progress(["gen_dpo_gentle", "clean_ppl_dpo_vs_placebo"], {"gen_dpo": 100.0})
+    assert progress.estimate_left() == 100.0 and progress.unestimated() == ["clean_ppl_dpo_vs_placebo"]
+    assert "(+ 1 stage(s) never measured)" in progress.left_text()
+
+
+def test_probe_stages_take_the_presets_random_sets_and_fluent_offsets(tmp_path):
+    for preset in ("smoke", "cpu"):
+        pipe = reproduce.Pipeline(tmp_path / preset, preset, "cpu", "fp32")
+        pipe.progress, pipe.planned, pipe.split = None, [], lambda: None
+        pipe.all()
+        p = reproduce.PRESETS[preset]
+        probe = {c.split()[2]: c for c in pipe.commands if c.startswith("python probe.py")}
+        for step in ("vectors", "activations", "intervene"):
+            assert f"--random-sets {p['random_sets']} " in probe[step], step
+        assert f"--shuffled-probes {p['random_sets']} " in probe["train"]
+        offsets = [float(o) for o in re.search(r"--offsets (\S+)", probe["intervene"])[1].split(",")]
+        assert 0 in offsets and min(offsets) >= -3 and max(offsets) <= 3  # -5 breaks the text
+    assert reproduce.PRESETS["cpu"]["random_sets"] >= 20  # a rank test over the sets can reach p < 0.05
+    smoke = reproduce.PRESETS["smoke"]  # CI: the fewest runs that still take every code path
+    assert smoke["random_sets"] == 2 and len(smoke["intervene_offsets"].split(",")) == 2
+
+
+def test_data_root_flag_is_read_by_the_main_command_and_every_reader(tmp_path, monkeypatch):
+    import evaluate, generate, margins, probe, retrieve
+    monkeypatch.setattr(data, "_root_override", None)  # restored after the test
+    missing = tmp_path / "nowhere"
+    monkeypatch.setattr(data, "fetch", lambda name: (_ for _ in ()).throw(ValueError("offline")))
+    with pytest.raises(ValueError, match="python data.py fetch") as e:
+        reproduce.main(["--preset", "smoke", "--data-root", str(missing), "--out", str(tmp_path / "out")])
+    assert str(missing) in str(e.value) and data.root() == missing
+    for module, argv in ((evaluate, ["clean-ppl"]), (evaluate, ["margins", "--policy", "p", "--out", "o"]),
+                         (margins, ["--policy", "p", "--out", "o"]), (generate, ["--prompts", "p", "--out", "o"]),
+                         (probe, ["train", "--out", "o"]), (retrieve, ["score", "--out", "o"])):
+        data.apply_root_flag(module.build_parser().parse_args(argv + ["--data-root", str(tmp_path / module.__name__)]))
+        assert data.root() == tmp_path / module.__name__, module.__name__
+    with pytest.raises(data.MissingData, match=str(tmp_path / "evaluate")):
+        evaluate.main(["clean-ppl", "--langs", "de", "--data-root", str(tmp_path / "evaluate")])
