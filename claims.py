@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 
 import data
+import genset
 import judge
 from evaluate import degenerate_reason, in_language, read_generations
 from margins import margins_table
@@ -93,6 +94,8 @@ def collect(out):
          "probe": {s: read_optional(out / "probe" / f"{s}.json")
                    for s in ("train", "vectors", "project", "activations", "intervene")},
          "judge": judge_card_metrics(), "genset": read_optional(GENSET_METRICS),
+         "scored_by": {s: genset.scored_fingerprints(out / "generations", s, ["base", *runs]) for s in SCORERS},
+         "shipped": {s: judge.fingerprint(judge.JUDGE_DIR, kind) for s, kind in JUDGE_KINDS.items()},
          "guards": guard_tests(out / "generations", afters=[r for r in runs if r != "dpo_lora"]),
          "figures": sorted({str(p.relative_to(out)) for p in out.rglob("*.svg")} | set(REPORT_FIGURES))}
     meta = out / "run.json"
@@ -397,6 +400,7 @@ def claims(r):
 
 
 GENSET_NAMES = {"judge": "feature judge", "ngram": "n-gram judge", "lexicon": "word lists"}
+JUDGE_KINDS = {"judge": "feature", "ngram": "ngram"}  # claims' scorer names -> judge.load kinds
 
 
 INSTRUMENTS = {  # what decides a row, and why it is the one
@@ -410,16 +414,43 @@ INSTRUMENTS = {  # what decides a row, and why it is the one
 }
 
 
+def judge_build(r):
+    """'the shipped build' or 'build <fingerprint>, not the shipped one' for the feature judge behind this run."""
+    if scored_by_shipped(r, "judge"):
+        return "the shipped build"
+    return f"build {', '.join(r.get('scored_by', {}).get('judge', [])) or 'unknown'}, not the shipped one"
+
+
+def scored_by_shipped(r, by):
+    """Was this run scored by the judge build shipped in data/judge/ (whose card and metrics describe it)?"""
+    return by in JUDGE_KINDS and r.get("scored_by", {}).get(by) == [r.get("shipped", {}).get(by)]
+
+
+def instrument_validation(r, by):
+    """(out-of-domain AUCs, generation-set row) of the instrument build that scored THIS run: the shipped judge's
+    metrics when it scored the run, the labelled generation set's scores when their fingerprints match; none
+    otherwise (a run scored by an earlier judge build is not described by the rebuilt judge's card)."""
+    ood, gen = {}, None
+    if scored_by_shipped(r, by):
+        metrics = (r["judge"] or {}).get("judges", {}).get(JUDGE_KINDS[by], {})
+        ood, gen = metrics.get("ood", {}), ((r["judge"] or {}).get("generations", {}).get(JUDGE_KINDS[by]) or {}).get("all")
+    gs = r["genset"] or {}
+    if gen is None and gs.get("fingerprints", {}).get(GENSET_NAMES.get(by)) == r.get("scored_by", {}).get(by):
+        gen = gs.get("instruments", {}).get(GENSET_NAMES.get(by), {}).get("all")
+    return finite([m.get("auc") for m in ood.values()]), gen
+
+
 def instrument_cell(r, by):
-    """'<instrument>: <why>; out of domain AUC x (k sets); generations P x R x AUC x' as far as measured."""
+    """'<instrument>: <why>; out of domain AUC x (k sets); generations P x R x AUC x' as far as measured for
+    the build that scored this run."""
     name, why = INSTRUMENTS[by]
     parts = [f"{name}: {why}"]
-    kind = {"judge": "feature", "ngram": "ngram"}.get(by)
-    ood = ((r["judge"] or {}).get("judges", {}).get(kind, {}).get("ood", {})) if kind else {}
-    aucs = finite([m.get("auc") for m in ood.values()])
+    aucs, gen = instrument_validation(r, by)
     if aucs:
         parts.append(f"out of domain AUC {fmt(sum(aucs) / len(aucs), 2)} (mean of {len(aucs)} sets)")
-    gen = ((r["genset"] or {}).get("instruments", {}).get(GENSET_NAMES.get(by), {})).get("all")
+    elif by in JUDGE_KINDS and r.get("scored_by", {}).get(by):
+        parts.append(f"scored by build {', '.join(r['scored_by'][by])}, not the shipped one: its out-of-domain "
+                     "validation is in the card at the run's commit")
     if gen:
         parts.append(f"labelled generations: precision {fmt(gen['precision'], 2)}, recall {fmt(gen['recall'], 2)}, "
                      f"AUC {fmt(gen['auc'], 2)}")
@@ -488,10 +519,12 @@ def intervention_claims(iv):
     o = min(negative, key=float)
     shifts = [(v["diff"], v["p"]) for v in iv["change_vs_zero"][o].values()]
     lower = sum(1 for d, p in shifts if verdict(d, p, -1) == "supported")
+    # Without random neurons and guards nothing tells "toxic neurons matter" from "a shifted model breaks":
+    # the count is shown, the verdict cannot be better than inconclusive.
     return [claim_row("lowering them lowers toxicity in every language",
                       f"toxicity at offset {float(o):g} - offset 0, {iv['scorer']}, paired on prompts (no random "
-                      "baseline or guards in this run)", f"{lower} of {len(shifts)} languages lower", None,
-                      verdict_all(shifts, -1), by="probe")]
+                      "baseline or guards in this run: cannot be told from breaking the model)",
+                      f"{lower} of {len(shifts)} languages lower", None, "inconclusive", by="probe")]
 
 
 PRIMARY_RETRIEVAL = ("accuracy", "judge_emt")  # decided before the run: the paper's text metric, our main judge
@@ -701,8 +734,7 @@ def judge_section(r):
              "ROC-AUC per language with bootstrap 95% intervals (resampling items), beside the length-only baseline; "
              "the out-of-domain rows (tweets, never used for any choice) show how far the judges carry beyond "
              "RTP-LX:", "",
-             judge_table(j) if j else "(`data/judge/metrics.json` is missing: rebuild the judges with "
-             "`python build_judge.py build`.)", ""]
+             judge_table(j) if j and scored_by_shipped(r, "judge") else earlier_build_note(r, j), ""]
     if r["agreement"] is None:
         return lines + ["Agreement of the instruments: the agreement stage has not run.", ""]
     agree = r["agreement"]["langs"]
@@ -715,6 +747,15 @@ def judge_section(r):
               "samples pooled):", "", markdown_table(["lang"] + [f"kappa {p}" for p in r["agreement"]["pairs"]],
                                                      rows), ""]
     return lines
+
+
+def earlier_build_note(r, j):
+    if not j:
+        return "(`data/judge/metrics.json` is missing: rebuild the judges with `python build_judge.py build`.)"
+    return (f"(This run was scored by judge build {', '.join(r['scored_by'].get('judge', [])) or 'unknown'}; the "
+            f"shipped one, {r['shipped']['judge']}, has not scored it, so the shipped card does not describe these "
+            "numbers: its validation is in `data/judge/README.md` at the commit that made the run. Rerun the "
+            "pipeline to score it with the shipped judge.)")
 
 
 def judge_table(j):
@@ -957,7 +998,7 @@ def readme_block(out, r):
         "The paper's claims, each decided by a test on this run (supported / not supported / inconclusive at "
         f"alpha {ALPHA}):", "", claims_table(claims(r)), "",
         "English-only DPO (seed 0) on gemma-3-270m, the same held-out RTP-LX items in every language, judged by the "
-        "shipped feature judge:", "", headline_table(r), ""])
+        f"feature judge ({judge_build(r)}):", "", headline_table(r), ""])
 
 
 def write_readme_block(readme, out, r):

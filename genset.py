@@ -60,6 +60,13 @@ def read_scores(run_dir, run, instrument):
     return {row_key(run, r): float(r["toxicity"]) for r in rows}
 
 
+def scored_fingerprints(run_dir, instrument, runs=RUNS):
+    """The scorer fingerprints (judge build, word-list digest) behind a run's scores: a report may quote this
+    set's numbers for an instrument only where the fingerprint is the one that scored its own run."""
+    paths = [Path(run_dir) / f"gen_{run}.{instrument}.scored.jsonl" for run in runs]
+    return sorted({r.get("scorer") for path in paths if path.exists() for r in read_jsonl(path)} - {None})
+
+
 def stratum_of(run, judge_score, lexicon_score):
     band = "low" if judge_score < 0.3 else "mid" if judge_score < 0.6 else "high"
     return f"{run}/{band}/{'hit' if lexicon_score > 0 else 'nohit'}"
@@ -257,18 +264,21 @@ def run_score(args):
     rows = load_labels(args.out)
     if args.kind:
         import judge  # only here: the feature judge loads a model
-        scores = {f"judge-{args.kind}": scorer_scores(judge.load(args.kind, args.judge_path), rows)}
+        loaded = judge.load(args.kind, args.judge_path)
+        scores = {f"judge-{args.kind}": scorer_scores(loaded, rows)}
+        fingerprints = {f"judge-{args.kind}": [loaded.fingerprint]}
     else:
         names = {"judge": "feature judge", "ngram": "n-gram judge", "lexicon": "word lists"}
         scores = {names[inst]: {k: v for run in RUNS for k, v in read_scores(args.run_dir, run, inst).items()}
                   for inst in INSTRUMENTS}
+        fingerprints = {names[inst]: scored_fingerprints(args.run_dir, inst) for inst in INSTRUMENTS}
     metrics = evaluate(rows, scores, args.n_boot, args.seed)
     counts = {lab: sum(r["label"] == lab for r in rows) for lab in LABELS}
     shares = toxic_share_by_run(rows)
     stem = f"metrics{'-' + args.kind if args.kind else ''}"
     write_json(Path(args.out) / f"{stem}.json", {"held_out": HELD_OUT, "label_counts": counts, "toxic_at": TOXIC_AT,
                                                  "lang_groups": LANG_GROUPS, "toxic_share_by_run": shares,
-                                                 "instruments": metrics})
+                                                 "fingerprints": fingerprints, "instruments": metrics})
     head = (f"Labels: {counts} (held out from judge design selection). Weighted share of toxic continuations "
             f"per run: {', '.join(f'{run} {v:.3f}' for run, v in shares.items())}.")
     table = metrics_table(metrics)

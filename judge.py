@@ -184,6 +184,12 @@ def check_inputs(texts, langs):
     return list(texts), [normalize_lang(lang) for lang in langs]
 
 
+def fingerprint(path, kind):
+    """'judge-<kind>:<sha1 of its weights>': stored with every score, so that a rebuilt judge invalidates cached
+    scores and a report can tell which build scored a run."""
+    return f"judge-{kind}:" + hashlib.sha1((Path(path) / f"{kind}.safetensors").read_bytes()).hexdigest()[:12]
+
+
 class Judge:
     """Shared by both judges: calibrated probabilities from the subclass's raw logits."""
 
@@ -193,8 +199,7 @@ class Judge:
         self.tensors = _read_weights(path / f"{kind}.safetensors")
         self.calibration = {k: tuple(v) for k, v in self.config["calibration"].items()}
         self.name = f"judge-{kind}"
-        digest = hashlib.sha1((path / f"{kind}.safetensors").read_bytes()).hexdigest()[:12]
-        self.fingerprint = f"{self.name}:{digest}"
+        self.fingerprint = fingerprint(path, kind)
 
     def score(self, texts, langs=None):
         """Calibrated P(toxic) per text; langs[i] picks the language's calibration (pooled if None or not

@@ -195,7 +195,7 @@ def prose_numbers(text):
         for name in NAMES:
             line = line.replace(name, "")
         # Row labels, offsets (keys), language counts and list lengths come from the run but perturb keeps keys and lengths.
-        line = re.sub(r"^\| [^|]*\||offset [-+]?\d+|selected on \d+|of \d+ languages|\d+ coefficients|\d+ RTP-LX items", "", line)
+        line = re.sub(r"^\| [^|]*\||offset [-+]?\d+|selected on \d+|of \d+ languages|\d+ coefficients|\d+ RTP-LX items|mean of \d+ sets|judge-\w+:[0-9a-f]+", "", line)
         out.append((i, NUMBER.findall(line)))
     return out
 
@@ -267,9 +267,23 @@ def test_guards_are_non_inferiority_bounds(committed):
 
 def test_instruments_and_placebo_effects_are_stated(committed, monkeypatch):
     r = claims.collect(committed)
-    r["genset"] = {"instruments": {"word lists": {"all": {"precision": 0.85, "recall": 0.47, "auc": 0.73}}}}
+    r["genset"] = {"instruments": {"word lists": {"all": {"precision": 0.85, "recall": 0.47, "auc": 0.73}}},
+                   "fingerprints": {"word lists": r["scored_by"]["lexicon"]}}
     row = next(c for c in claims.claims(r) if c["by"] == "lexicon")
     assert "precision 0.85" in row["by_text"]
+    r["genset"]["fingerprints"]["word lists"] = ["lexicon:another-word-list"]  # not the lists that scored this run
+    row = next(c for c in claims.claims(r) if c["by"] == "lexicon")
+    assert "precision" not in row["by_text"]
+
+
+def test_a_judge_is_described_only_by_the_build_that_scored_the_run(committed):
+    r = claims.collect(committed)  # the committed run was scored by the judge build before the rebuild
+    assert r["scored_by"]["judge"] != [r["shipped"]["judge"]]
+    judge_row = lambda: next(c for c in claims.claims(r) if c["by"] == "judge")
+    assert "out of domain AUC" not in judge_row()["by_text"] and "not the shipped one" in judge_row()["by_text"]
+    assert "has not scored it" in claims.render_report(r)
+    r["scored_by"]["judge"] = [r["shipped"]["judge"]]  # as a rerun with the shipped judge records it
+    assert "out of domain AUC" in judge_row()["by_text"]
     r["judge"], r["genset"] = None, None  # both files absent: still renders
     text = claims.render_report(r)
     assert "The placebo `dpo_placebo` on its own" in text and "because of toxicity" not in text
