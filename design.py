@@ -38,6 +38,27 @@ from tokenizer import load_tokenizer
 # The split
 
 
+def assign_blocks(indices, parallel_idx, block, n_heldout, n_valid, rng):
+    """(train indices, valid indices): blocks of `block` consecutive ids; blocks with a parallel prompt are held
+    out, then shuffled blocks until n_heldout ids are, then n_valid ids go to validation, the rest to training."""
+    blocks = {}
+    for i in indices:
+        blocks.setdefault(i // block, []).append(i)
+    heldout = {b for b in blocks if parallel_idx & set(blocks[b])}
+    others = [b for b in sorted(blocks) if b not in heldout]
+    rng.shuffle(others)
+    n_held = sum(len(blocks[b]) for b in heldout)
+    train_idx, valid_idx = set(), set()
+    for b in others:
+        if n_held < n_heldout:
+            n_held += len(blocks[b])
+        elif len(valid_idx) < n_valid:
+            valid_idx.update(blocks[b])
+        else:
+            train_idx.update(blocks[b])
+    return train_idx, valid_idx
+
+
 def default_split(seed=0, n_train=None, n_valid=50, n_heldout=400, block=10, data_dir=None):
     """
     Deterministic split of RTP-LX for English-only DPO and 17-language evaluation.
@@ -64,21 +85,7 @@ def default_split(seed=0, n_train=None, n_valid=50, n_heldout=400, block=10, dat
     parallel_keys = {normalize_prompt(p) for p in load_parallel("en", data_dir)}
     parallel_idx = {r["index"] for r in en_rows if normalize_prompt(r["prompt"]) in parallel_keys}
 
-    blocks = {}
-    for i in en_indices:
-        blocks.setdefault(i // block, []).append(i)
-    heldout = {b for b in blocks if parallel_idx & set(blocks[b])}
-    others = [b for b in sorted(blocks) if b not in heldout]
-    rng.shuffle(others)
-    n_held = sum(len(blocks[b]) for b in heldout)
-    train_idx, valid_idx = set(), set()
-    for b in others:
-        if n_held < n_heldout:
-            n_held += len(blocks[b])
-        elif len(valid_idx) < n_valid:
-            valid_idx.update(blocks[b])
-        else:
-            train_idx.update(blocks[b])
+    train_idx, valid_idx = assign_blocks(en_indices, parallel_idx, block, n_heldout, n_valid, rng)
     seen = train_idx | valid_idx
 
     train = [p for p in en_pairs if p["index"] in train_idx]
