@@ -459,18 +459,8 @@ def run_predict(args):
 # CLI
 
 
-def build_parser():
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0].strip() + "\n\n" + __doc__.split("\n\n")[1].strip() + "\n\n"
-        + __doc__.split("\n\n")[2].strip(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="examples:\n  python retrieve.py score --langs de fr zh --limit 50 --out runs/retrieval\n"
-               "  python retrieve.py score --dataset tatoeba --center --out runs/retrieval_tatoeba\n"
-               "  python retrieve.py correlate --retrieval runs/retrieval/retrieval.json \\\n"
-               "      --transfer runs/eval/after.lexicon.compare.json --out runs/retrieval\n"
-               "  python retrieve.py predict --out runs/retrieval")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{score,correlate,predict}")
-
+def scoring_flags():
+    """The flags of every command that runs the model on sentence pairs (score, predict)."""
     scoring = argparse.ArgumentParser(add_help=False)
     scoring.add_argument("--model", default=DEFAULT_MODEL,
                          help="loading.load_model name or path: HF dir, .gguf, hub id, or an embedded name "
@@ -490,6 +480,22 @@ def build_parser():
     scoring.add_argument("--batch-size", type=int, default=16, help="sentences per forward pass (default 16)")
     add_device_args(scoring)  # pooling is always in fp32
     scoring.add_argument("--out", required=True, metavar="DIR", help="output folder; an interrupted run resumes")
+    return scoring
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0].strip() + "\n\n" + __doc__.split("\n\n")[1].strip() + "\n\n"
+        + __doc__.split("\n\n")[2].strip(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  python retrieve.py score --langs de fr zh --limit 50 --out runs/retrieval\n"
+               "  python retrieve.py score --dataset tatoeba --center --out runs/retrieval_tatoeba\n"
+               "  python retrieve.py correlate --retrieval runs/retrieval/retrieval.json \\\n"
+               "      --transfer runs/eval/after.lexicon.compare.json --out runs/retrieval\n"
+               "  python retrieve.py predict --out runs/retrieval")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{score,correlate,predict}")
+
+    scoring = scoring_flags()
 
     sub.add_parser("score", parents=[scoring], help="score English-X retrieval per layer -> retrieval.json/.md",
                    description="Mean-pooled per-layer sentence representations of English and each language; "
