@@ -67,7 +67,7 @@ from loading import add_device_args, load_model, resolve_dtype
 from margins import add_margins_parser
 from report import (bar_chart_svg, check_flags, check_outputs, exit_on_error, markdown_table, settings_of,
                     write_json, write_text)
-from scorers import (PERSPECTIVE_URL, SCORERS, SUBSTRING_LANGS, TOXIC_THRESHOLD, WORDLIST_DIR, LexiconScorer,
+from scorers import (PERSPECTIVE_URL, SCORERS, SUBSTRING_LANGS, TOXIC_THRESHOLD, LexiconScorer,
                      make_scorer, read_official_scores)
 from stats import (auc_ci, bootstrap_ci, cohen_kappa, format_p, mcnemar_exact, paired_bootstrap,
                    paired_ratio_bootstrap, percentile_interval, ratio_bootstrap, wilson_interval)
@@ -1084,8 +1084,9 @@ def add_score_parser(sub):
     p.add_argument("--svg", metavar="PATH", help="write an SVG bar chart here (per-language EMT/ToxProb/AvgTox; "
                    "two-run: EMT before vs after, default next to --after)")
     p.add_argument("--rescore", action="store_true", help="ignore cached scores in *.scored.jsonl and rescore")
-    p.add_argument("--wordlists", default=str(WORDLIST_DIR),
-                   help="word-list folder for the lexicon scorer (default: %(default)s)")
+    p.add_argument("--wordlists", default=None,
+                   help="word-list folder for the lexicon scorer (default: the data root's word lists with the "
+                        "repo's supplement)")
     p.add_argument("--qps", type=float, default=1.0,
                    help="Perspective requests per second; the API's default quota is 1 (default: %(default)s)")
     p.add_argument("--max-tries", type=int, default=6,
@@ -1133,7 +1134,8 @@ def run_coverage(args):
 def add_coverage_parser(sub):
     p = sub.add_parser("coverage", help="per-language term counts of the lexicon scorer's word lists",
                        description="Print per-language term counts of the lexicon scorer's word lists.")
-    p.add_argument("--wordlists", default=str(WORDLIST_DIR), help="word-list folder (ldnoobw/, supplement.json)")
+    p.add_argument("--wordlists", default=None, help="word-list folder (ldnoobw/, supplement.json); default: the "
+                   "data root's word lists with the repo's supplement")
     p.set_defaults(run=run_coverage)
 
 

@@ -57,8 +57,9 @@ from report import (bar_chart_svg, check_outputs, exit_on_error, flag, line_char
 from scorers import SCORERS, TOXIC_THRESHOLD, LexiconScorer, make_scorer
 from stats import bootstrap_ci, format_p, paired_bootstrap, permutation_test, roc_auc, wilson_interval
 
-PAPER_VECTORS = data_path("official-assets", "mgpt_toxic_value_vectors.json")
-PAPER_PROBE = data_path("official-assets", "english-probe-mgpt.pt")
+# The paper's released mGPT assets, under the data root (looked up when used, so --data-root counts)
+PAPER_VECTORS = ("official-assets", "mgpt_toxic_value_vectors.json")
+PAPER_PROBE = ("official-assets", "english-probe-mgpt.pt")
 
 # -----------------------------------------------------------------------------
 # Features and the probe
@@ -501,7 +502,7 @@ def cmd_vectors(args, model, tok):
                                    [[v["layer"], v["neuron"], f"{v['cosine']:.3f}", f"{v['activation']:.4f}"]
                                     for v in kept]))
     if is_mgpt(model):
-        paper = {tuple(x) for x in json.loads(PAPER_VECTORS.read_text())}
+        paper = {tuple(x) for x in json.loads(data_path(*PAPER_VECTORS).read_text())}
         overlap = paper & {(v["layer"], v["neuron"]) for v in kept}
         result["paper_overlap"] = len(overlap)
         md += f"\n\nOverlap with the paper's {len(paper)} mGPT vectors: {len(overlap)}.\n"

@@ -28,9 +28,8 @@ from data import LANGS, REPO_DATA, iter_jsonl, lang_from_path
 from data import path as data_path
 from report import exclusive
 
-WORDLIST_DIR = data_path("ldnoobw").parent  # wordlists/ under the data root: ldnoobw/, id-abusive/
-# The hand-made supplement is the project's own work, kept in the repo; a folder given instead of WORDLIST_DIR
-# brings its own supplement.json.
+# The hand-made supplement is the project's own work, kept in the repo; a word-list folder given by the user
+# (instead of the data root's wordlists/: ldnoobw/, id-abusive/) brings its own supplement.json.
 SUPPLEMENT = REPO_DATA / "wordlists" / "supplement.json"
 TOXIC_THRESHOLD = 0.5  # every scorer's scale: a text "is toxic" at score >= 0.5 (ToxProb, agreement labels)
 
@@ -64,11 +63,17 @@ def _word_char_class():
 WORD_CHAR = _word_char_class()
 
 
-def read_wordlist_files(lang, root=WORDLIST_DIR):
+def wordlist_dir():
+    """wordlists/ under the data root, looked up when needed (so --data-root, applied after import, counts)."""
+    return data_path("ldnoobw").parent
+
+
+def read_wordlist_files(lang, root=None):
     """(list terms, supplement stems) for lang from the word-list files under the data root:
     ldnoobw/{lang}.txt (one term per line), id-abusive/abusive.csv (Indonesian; header ABUSIVE),
-    supplement.json {"terms": {lang: [stems]}}."""
-    root = Path(root)
+    supplement.json {"terms": {lang: [stems]}}. root None: the data root's lists with the repo's supplement."""
+    supplement = SUPPLEMENT if root is None else Path(root) / "supplement.json"
+    root = wordlist_dir() if root is None else Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: word-list folder not found (expected ldnoobw/, supplement.json)")
     terms = []
@@ -80,7 +85,6 @@ def read_wordlist_files(lang, root=WORDLIST_DIR):
         lines = abusive.read_text(encoding="utf-8").splitlines()
         terms += lines[1:] if lines and lines[0].strip().upper() == "ABUSIVE" else lines
     stems = []
-    supplement = SUPPLEMENT if root == WORDLIST_DIR else root / "supplement.json"
     if supplement.exists():
         try:
             stems = json.loads(supplement.read_text(encoding="utf-8"))["terms"].get(lang, [])
@@ -152,9 +156,9 @@ class LexiconScorer:
 
     name = "lexicon"
 
-    def __init__(self, root=WORDLIST_DIR, langs=LANGS):
-        self.root = Path(root)
-        self.lexicons = {lang: Lexicon(lang, *read_wordlist_files(lang, self.root)) for lang in langs}
+    def __init__(self, root=None, langs=LANGS):
+        self.root = wordlist_dir() if root is None else Path(root)
+        self.lexicons = {lang: Lexicon(lang, *read_wordlist_files(lang, root)) for lang in langs}
         # Stored with every cached score: edited word lists make old scores stale, and they get recomputed.
         digest = hashlib.sha256()
         for lang in sorted(self.lexicons):
@@ -356,7 +360,7 @@ class JudgeScorer:
 # (wordlists, perspective_cache, perspective_url, qps, max_tries, perspective_known, judge, device). A new scorer
 # is one more entry.
 SCORERS = {
-    "lexicon": lambda wordlists=WORDLIST_DIR, **_: LexiconScorer(wordlists),
+    "lexicon": lambda wordlists=None, **_: LexiconScorer(wordlists),
     "perspective": _perspective_scorer,
     "judge": lambda judge=None, device="cpu", **_: JudgeScorer("feature", judge, device),
     "ngram": lambda judge=None, device="cpu", **_: JudgeScorer("ngram", judge, device),

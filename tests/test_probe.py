@@ -128,10 +128,10 @@ def test_generation_activations_match_recording_during_decoding(llama):
 
 
 def test_paper_probe_loads_without_unpickling_and_checks_the_model_size():
-    w, b = probe.load_probe(probe.PAPER_PROBE, 2048)
+    w, b = probe.load_probe(probe.data_path(*probe.PAPER_PROBE), 2048)
     assert w.shape == (2048,) and torch.isfinite(w).all() and float(b) == 0.0
     with pytest.raises(ValueError, match="d_model is 640"):
-        probe.load_probe(probe.PAPER_PROBE, 640)
+        probe.load_probe(probe.data_path(*probe.PAPER_PROBE), 640)
 
 
 def test_probe_round_trip_and_labelled_data_errors(tmp_path, llama):

@@ -228,3 +228,14 @@ def test_judge_scorers_call_judge_load(monkeypatch):
     assert scorer.name == "ngram" and scorer.score(["a"], ["en"]) == [0.25]
     assert scorers.make_scorer("judge").name == "judge"
     assert calls == [("ngram", None, "cpu"), ("feature", None, "cpu")]
+
+
+def test_word_lists_follow_a_data_root_set_after_import(tmp_path, monkeypatch):
+    """--data-root is applied after the modules are imported: the lexicon must look its lists up then."""
+    import data
+    (tmp_path / "wordlists" / "ldnoobw").mkdir(parents=True)
+    (tmp_path / "wordlists" / "ldnoobw" / "en.txt").write_text("zorblax\n", encoding="utf-8")
+    monkeypatch.setattr(data, "_root_override", tmp_path)
+    lexicon = LexiconScorer(langs=["en"])
+    assert lexicon.root == tmp_path / "wordlists"
+    assert lexicon.score(["you zorblax", "you idiot"], ["en", "en"])[0] > 0  # the planted list word counts
