@@ -787,13 +787,12 @@ def compare_trained(first_path, second_path, n_boot=1000, seed=0):
             raise ValueError(f"{second_path}: {lang}: other sentences or tokenizer than {first_path}")
     if not langs:
         raise ValueError(f"{first_path}, {second_path}: no language in common")
-    result = {}
-    for lang in langs:
-        entry = {"tokens": runs[0][lang]["tokens"], "first": runs[0][lang]["nll2"], "second": runs[1][lang]["nll2"]}
-        result[lang] = {"ppl_first": runs[0][lang]["ppl2"], "ppl_second": runs[1][lang]["ppl2"],
-                        **pooled_ratio([entry], "first", "second", n_boot, seed)}
-    result["pooled"] = pooled_ratio([{"tokens": runs[0][l]["tokens"], "first": runs[0][l]["nll2"],
-                                      "second": runs[1][l]["nll2"]} for l in langs], "first", "second", n_boot, seed)
+    # each language's sentences: token counts and both trained models' NLLs, paired by position
+    entries = {lang: {"tokens": runs[0][lang]["tokens"], "first": runs[0][lang]["nll2"], "second": runs[1][lang]["nll2"]}
+               for lang in langs}
+    result = {lang: {"ppl_first": runs[0][lang]["ppl2"], "ppl_second": runs[1][lang]["ppl2"],
+                     **pooled_ratio([entries[lang]], "first", "second", n_boot, seed)} for lang in langs}
+    result["pooled"] = pooled_ratio(list(entries.values()), "first", "second", n_boot, seed)
     return result
 
 
