@@ -704,6 +704,14 @@ def smoke_banner(r):
             "evidence run `python reproduce.py` (the cpu preset) or `--preset paper`.", ""]
 
 
+def replicate_text(sizes):
+    """'; the replication runs ... on the first K': where reproduce sampled the further seeds on fewer items."""
+    subset = sizes.get("replicate_items", sizes["items"])
+    return "" if subset >= sizes["items"] else \
+        (f"; the replication runs (DPO seeds after the first, placebo seeds after the first) on the first {subset} "
+         "of them, compared with the base model and the placebo on those")
+
+
 def seed_spread(r):
     seeds = seed_runs(r)
     lines = []
@@ -712,7 +720,11 @@ def seed_spread(r):
         mean = sum(values) / len(values) if values else float("nan")
         sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else float("nan")
         lines.append(f"{scorer}: mean {signed(mean)}, SD {fmt(sd)}, range {value_range(values)}")
-    return f"Across {len(seeds)} seeds, pooled non-English EMT change: " + "; ".join(lines) + "."
+    sizes = r["sizes"]
+    subset = sizes.get("replicate_items", sizes["items"])
+    on = f" (seed 0 on all {sizes['items']} items, the others on the first {subset}: the spread mixes seeds and " \
+        "items)" if subset < sizes["items"] and len(seeds) > 1 else ""
+    return f"Across {len(seeds)} seeds{on}, pooled non-English EMT change: " + "; ".join(lines) + "."
 
 
 def confounds_table(r):
@@ -907,7 +919,7 @@ def render_report(r):
               "separate rejected from chosen on the texts as trained (0.5 = not at all):", "", confounds_table(r), "",
               f"Evaluation: the same {sizes['items']} held-out RTP-LX items in all 17 languages (RTP-LX prompts are "
               f"transcreations: index i is the same source item in every language), {sizes['samples_per_prompt']} "
-              "samples each.", ""]
+              "samples each" + replicate_text(sizes) + ".", ""]
     lines += judge_section(r)
     lines += ["## Toxicity before -> after English-only DPO (seed 0), judged by the feature judge", "",
               f"beta {cfg['beta']}, lr {cfg['lr']:g}, {cfg.get('max_steps')} steps. ToxProb: share of prompts with a "

@@ -345,6 +345,15 @@ def keyed_prompts(rows):
     return keyed
 
 
+def shared_prompts(before_rows, after_rows):
+    """(before_rows, after_rows) cut to the prompts both runs have (keyed_prompts), so every before/after number
+    is on the same prompts: a run sampled on a subset of the items (reproduce's replication runs) is compared
+    with the base model on that subset only."""
+    kb, ka = keyed_prompts(before_rows), keyed_prompts(after_rows)
+    return ([r for k, rows in kb.items() if k in ka for r in rows],
+            [r for k, rows in ka.items() if k in kb for r in rows])
+
+
 def _max_toxicity(samples):
     return max(r["toxicity"] for r in samples)
 
@@ -960,11 +969,12 @@ def single_run(args, scored, with_ppl, scorer):
 
 def two_runs(args, scored, with_ppl, scorer):
     """(table, result, chart) of --before vs --after: metrics, paired tests and guards."""
-    before_rows, after_rows = scored(args.before), scored(args.after)
+    all_before, all_after = scored(args.before), scored(args.after)
+    before_rows, after_rows = shared_prompts(all_before, all_after)
     before = language_metrics(before_rows, with_ppl=with_ppl)
     after = language_metrics(after_rows, with_ppl=with_ppl)
     comparison = compare(before, after)
-    tests = paired_tests(before_rows, after_rows, args.n_boot, args.seed)
+    tests = paired_tests(all_before, all_after, args.n_boot, args.seed)  # pairs the shared prompts, counts the rest
     guards = compare_guards(before_rows, after_rows)
     table = compare_table(comparison, tests) + f"\n{FLUENCY_NOTE}\n\nGuards (scorer-independent; see " \
         "evaluate.degenerate_reason and evaluate.in_language):\n\n" + guards_table(guards)

@@ -63,24 +63,28 @@ GEN_BATCH = 128
 # `seeds`: one DPO run each; `placebo_seeds`: one placebo run each (its own derangement and pair order);
 # `gentle_lr_factor`: one more DPO run ("dpo_gentle", seed 0) at this fraction of the learning rate, a second
 # point of the detoxification / perplexity trade-off; `gen_batch`: sequences (prompts x samples) per sampling batch.
+# `replicate_items`: the replication runs (further DPO seeds, further placebo seeds) are sampled on the first this
+# many of the `items` (the same ones in every language; None: all) and compared on those: they answer "does the
+# pooled effect hold again", which needs fewer prompts than the per-language claims of the main run. dpo_gentle is
+# sampled on all items, like the main run it is set beside. Margins: the main DPO run and the main placebo only.
 # `random_sets`: the probe stages' random baselines (shuffled-label probes, matched neuron sets); with 20 a rank test
 # can reach p < 0.05. The intervention samples offset 0, then each nonzero offset for the kept neurons and for every
 # random set: 1 + offsets x (1 + random_sets) generation runs; cpu stays in the fluent range (-5 breaks the text).
 PRESETS = {
-    "smoke": dict(items=2, n=2, max_new_tokens=8, seeds=[0], placebo_seeds=[0], gentle_lr_factor=None,
+    "smoke": dict(items=2, replicate_items=1, n=2, max_new_tokens=8, seeds=[0], placebo_seeds=[0], gentle_lr_factor=None,
                   gen_batch=64, dpo_pairs=16, dpo=dict(max_steps=2, eval_every=2, max_len=48, max_prompt_len=32,
                                                      response_tokens=8),
                   margin_pairs=2, clean_limit=4, retrieval_limit=12,
                   probe_texts=40, top_k=20, random_sets=2, select_prompts=3, activation_items=2,
                   activation_langs=["en", "de", "ja"],
                   intervene_langs=["en", "de"], intervene_offsets="0,-2", intervene_prompts=2, intervene_n=1),
-    "cpu": dict(items=30, n=4, max_new_tokens=20, seeds=[0, 1, 2], placebo_seeds=[0, 1], gentle_lr_factor=0.5,
+    "cpu": dict(items=30, replicate_items=10, n=4, max_new_tokens=20, seeds=[0, 1, 2], placebo_seeds=[0, 1], gentle_lr_factor=0.5,
                 gen_batch=GEN_BATCH, dpo_pairs=None, dpo=dict(CPU_PRESET),
                 margin_pairs=30, clean_limit=30, retrieval_limit=80, probe_texts=None, top_k=100, random_sets=20,
                 select_prompts=40, activation_items=12, activation_langs=list(data.LANGS),
                 intervene_langs=["en", "de", "ja", "ru"], intervene_offsets="0,-1,-2", intervene_prompts=8,
                 intervene_n=2),
-    "paper": dict(items=None, n=25, max_new_tokens=20, seeds=[0, 1, 2], placebo_seeds=[0, 1], gentle_lr_factor=0.5,
+    "paper": dict(items=None, replicate_items=None, n=25, max_new_tokens=20, seeds=[0, 1, 2], placebo_seeds=[0, 1], gentle_lr_factor=0.5,
                   gen_batch=GEN_BATCH, dpo={}, dpo_pairs=None, margin_pairs=None,
                   clean_limit=None, retrieval_limit=None, probe_texts=None, top_k=100, random_sets=20,
                   select_prompts=200, activation_items=None, activation_langs=list(data.LANGS),
@@ -260,7 +264,9 @@ class Pipeline:
         sizes = {"train_pairs": len(pairs["train"]), "valid_pairs": len(pairs["valid"]),
                  "response_tokens": self.recipe("response_tokens"),
                  "pairs_kept": {name: c["n_pairs"] for name, c in confounds.items()},
-                 "items": len(items["en"]), "samples_per_prompt": self.p["n"], "item_indices": [r["index"] for r in items["en"]],
+                 "items": len(items["en"]),
+                 "replicate_items": min(self.p["replicate_items"] or len(items["en"]), len(items["en"])),
+                 "samples_per_prompt": self.p["n"], "item_indices": [r["index"] for r in items["en"]],
                  "eval_pairs_available": {l: len(split["eval_pairs"][l]) for l in data.LANGS},
                  "parallel_held_out": split["info"]["parallel_matched"]}
         write_json(marker, {"sizes": sizes, "seconds": time.perf_counter() - t0})
@@ -278,13 +284,15 @@ class Pipeline:
         cut = [self.recipe(k) for k in ("max_prompt_len", "max_len", "response_tokens")]
         return {name: design.pair_confounds(rows, tokenizer, *cut) for name, rows in pairs.items()}
 
-    def generate(self, name, model):
+    def generate(self, name, model, items=None):
+        """Sample the evaluation prompts (the first `items` of each language, None: all) with `model`."""
         p = self.p
+        limit = ["--limit", items] if items else []
         # one sampling batch holds gen_batch sequences: gen_batch / n prompts, each with its n samples
         self.run(name, "generate", ["--model", model, "--prompts", self.path("prompts"), "--out",
                                     self.path("generations", f"{name}.jsonl"), "--n", p["n"], "--max-new-tokens",
                                     p["max_new_tokens"], "--seed", 0, "--batch-size", max(1, p["gen_batch"] // p["n"]),
-                                    *self.common()])
+                                    *limit, *self.common()])
 
     def dpo(self, name, seed=0, pairs="", overrides=None):
         """Train; `overrides` {TrainConfig field: value} replaces or adds to the preset's recipe."""
@@ -338,7 +346,9 @@ class Pipeline:
         gentle = ["dpo_gentle"] if p["gentle_lr_factor"] else []
         for run in gentle:  # a second point of the trade-off: the main run at a fraction of its learning rate
             self.dpo(run, main_seed, overrides={"lr": p["gentle_lr_factor"] * self.recipe("lr")})
-        self.measure([run for _, run in other_seeds] + [run for _, run, _ in other_placebos] + gentle)
+        self.measure([run for _, run in other_seeds] + [run for _, run, _ in other_placebos],
+                     items=p["replicate_items"], margins=False)
+        self.measure(gentle, margins=False)  # all items: the trade-off table sets it beside the main run
         for run in gentle:
             self.against_placebo(run, placebo)
         for _, run, _ in other_placebos:
@@ -349,11 +359,12 @@ class Pipeline:
                    + "\n".join(self.commands) + "\n")
         return sizes
 
-    def measure(self, runs):
-        """Samples, toxicity under every instrument, clean-text perplexity and margins of trained models."""
+    def measure(self, runs, items=None, margins=True):
+        """Samples (on the first `items` evaluation items, None: all), toxicity under every instrument, clean-text
+        perplexity and (margins=True) held-out margins of trained models."""
         clean = ["--limit", self.p["clean_limit"]] if self.p["clean_limit"] else []
         for run in runs:
-            self.generate(f"gen_{run}", self.path(run, "best"))
+            self.generate(f"gen_{run}", self.path(run, "best"), items)
             for scorer in SCORERS:
                 self.evaluate(scorer, run)
             # the base model's per-sentence values are measured once and shared by every run
@@ -361,7 +372,8 @@ class Pipeline:
                                                       self.path(run, "best"), *clean, "--model-cache",
                                                       self.path("clean_ppl", "base.json"), "--json",
                                                       self.path("clean_ppl", run, "clean_ppl.json"), *self.common()])
-            self.margins(run)
+            if margins:
+                self.margins(run)
 
     def against_placebo(self, run, placebo):
         """A trained run against a placebo run, prompt by prompt under every instrument and sentence by sentence
@@ -391,13 +403,16 @@ class Pipeline:
         policy = self.path("dpo", "best")
         tokens = ["--max-new-tokens", p["max_new_tokens"]]
         limit = ["--limit", p["probe_texts"]] if p["probe_texts"] else []
+        # the sampling stages fill a batch as generate() does (prompts x samples ~ gen_batch sequences): at probe.py's
+        # default of 8 prompts the 262k-row LM head is read for few rows, and each step costs nearly as much
+        batch = ["--batch-size", max(1, p["gen_batch"] // p["intervene_n"])]
         # the shuffled-label probes are the directions the value-vector baseline is selected with, one per set
         self.run("probe_train", "probe", ["train", "--model", DEFAULT_MODEL, "--out", probe_dir, "--max-len", 64,
                                           "--shuffled-probes", p["random_sets"], *limit, *self.common()])
         self.run("probe_vectors", "probe", ["vectors", "--model", DEFAULT_MODEL, "--out", probe_dir, "--probe",
                                             probe_dir / "probe.safetensors", "--top-k", p["top_k"], "--limit",
                                             p["select_prompts"], "--random-sets", p["random_sets"], *tokens,
-                                            *self.common()])
+                                            *batch, *self.common()])
         vectors = probe_dir / "vectors.json"
         self.run("probe_project", "probe", ["project", "--model", DEFAULT_MODEL, "--out", probe_dir, "--vectors",
                                             vectors, *self.common()])
@@ -405,12 +420,12 @@ class Pipeline:
                                                 probe_dir, "--vectors", vectors, "--prompts", self.path("prompts"),
                                                 *(["--limit", p["activation_items"]] if p["activation_items"] else []),
                                                 "--random-sets", p["random_sets"], "--langs", *p["activation_langs"],
-                                                *tokens, *self.common()])
+                                                *tokens, *batch, *self.common()])
         self.run("probe_intervene", "probe", ["intervene", "--model", DEFAULT_MODEL, "--out", probe_dir, "--vectors",
                                               vectors, "--prompts", self.path("prompts"), "--langs",
                                               *p["intervene_langs"], "--offsets", p["intervene_offsets"], "--limit",
                                               p["intervene_prompts"], "--n", p["intervene_n"], "--scorer", "judge",
-                                              "--random-sets", p["random_sets"], *tokens, *self.common()])
+                                              "--random-sets", p["random_sets"], *tokens, *batch, *self.common()])
 
     def appendix_d(self):
         """The paper's Appendix D: the main run again, training LoRA adapters instead of all weights."""

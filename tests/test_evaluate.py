@@ -231,6 +231,18 @@ def test_before_after_cli_table_json_svg(tmp_path, capsys):
     assert (tmp_path / "base.lexicon.scored.jsonl").exists()
 
 
+def test_before_after_compares_on_the_prompts_both_runs_have(tmp_path):
+    """A run sampled on a subset of the prompts (reproduce's replication runs) is compared with the base model on
+    that subset: the base's other prompts count as unpaired and enter no number."""
+    before, after = tmp_path / "base.jsonl", tmp_path / "dpo.jsonl"
+    write_rows(before, generations({"en": 2}))  # prompt 0 toxic in both samples, prompt 1 clean
+    write_rows(after, [r for r in generations({"en": 0}) if r["prompt"] == "prompt 0"])
+    result = evaluate.main(["--before", str(before), "--after", str(after), "--json", str(tmp_path / "m.json")])
+    assert result["before"]["en"]["n_prompts"] == 1 and result["before"]["en"]["emt"] == 0.5  # not 0.25 over 2
+    assert result["comparison"]["en"]["tox_prob"] == {"before": 1.0, "after": 0.0, "change_pct": -100.0}
+    assert result["tests"]["en"]["unpaired_before"] == 1 and result["tests"]["en"]["n_prompts"] == 1
+
+
 def test_single_run_cli_pools_files(tmp_path, capsys):
     a, b = tmp_path / "en.jsonl", tmp_path / "de.jsonl"
     write_rows(a, generations({"en": 2}))

@@ -328,7 +328,8 @@ def test_cpu_preset_has_the_power_and_shares_what_repeats(tmp_path):
     assert pipe.runs == ["dpo", "dpo_seed1", "dpo_seed2", "dpo_placebo", "dpo_placebo_seed1", "dpo_gentle"]
     names = pipe.plan()
     for run in pipe.runs:
-        assert {f"{run}", f"gen_{run}", f"clean_ppl_{run}", f"margins_{run}"} <= set(names), run
+        assert {f"{run}", f"gen_{run}", f"clean_ppl_{run}"} <= set(names), run
+    assert {n for n in names if n.startswith("margins_")} == {"margins_dpo", "margins_dpo_placebo"}
     assert {"clean_ppl_dpo_vs_placebo", "clean_ppl_dpo_gentle_vs_placebo", "eval_judge_dpo_vs_placebo_seed1",
             "clean_ppl_dpo_vs_placebo_seed1"} <= set(names)
     pipe.progress, pipe.planned, pipe.split = None, [], lambda: None  # record the commands, run nothing
@@ -338,6 +339,9 @@ def test_cpu_preset_has_the_power_and_shares_what_repeats(tmp_path):
     assert "placebo_seed1_train.jsonl" in next(c for c in pipe.commands if "dpo_placebo_seed1 " in c)
     gens = [c for c in pipe.commands if c.startswith("python generate.py")]
     assert all(f"--batch-size {cpu['gen_batch'] // cpu['n']} " in c for c in gens) and len(gens) == 7
+    # the replication runs sample the first replicate_items items; base, main run, main placebo, gentle all of them
+    limited = {re.search(r"generations/(\S+)\.jsonl", c)[1] for c in gens if f"--limit {cpu['replicate_items']} " in c}
+    assert limited == {"gen_dpo_seed1", "gen_dpo_seed2", "gen_dpo_placebo_seed1"} and cpu["replicate_items"] >= 10
     assert len({re.search(r"--model-cache (\S+)", c)[1] for c in pipe.commands if " clean-ppl " in c}) == 1
     assert len({re.search(r"--reference-cache (\S+)", c)[1] for c in pipe.commands if " margins " in c}) == 1
     assert "margins.json:mean_margin_per_token" in next(c for c in pipe.commands if " correlate " in c)
