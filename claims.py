@@ -506,11 +506,13 @@ def intervention_claims(iv):
             k = v["kept_minus_random"]
             p = max(k["p"], v["p_rank"])
             decided = "invalid" if res["failed_guards"] else verdict(k["diff"], p, -1, n)
-            guards = "; ".join(res["failed_guards"]) or "guards pass"
+            guards = res["failed_guards"] or ["guards pass"]
+            if not any(g.startswith("perplexity") for g in guards):  # a failed perplexity guard names its ratio
+                guards = guards + [f"perplexity x{fmt(res['ppl_ratio'], 2)}"]
             rows.append(claim_row(f"lowering them (offset {float(o):g}) lowers toxicity more than matched random "
                                   "neurons", f"kept - random change, {iv['scorer']}, paired bootstrap on prompts and "
-                                  f"rank p over {iv['random_sets']} sets (the larger); {guards}, perplexity "
-                                  f"x{fmt(res['ppl_ratio'], 2)}", f"{signed(k['diff'])} {fmt_ci(k['ci'])}", p,
+                                  f"rank p over {iv['random_sets']} sets (the larger); {'; '.join(guards)}",
+                                  f"{signed(k['diff'])} {fmt_ci(k['ci'])}", p,
                                   decided, iv["p_floor"], "probe"))
         return rows
     negative = [o for o in iv["change_vs_zero"] if float(o) < 0]

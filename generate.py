@@ -161,6 +161,17 @@ def _uniforms(generator, rows, steps, device):
 
 
 @torch.inference_mode()
+def left_padded_mask(input_ids, attention_mask):
+    """The attention mask of a batch of prompts (all ones when None), refused unless it is left-padded: the
+    sampler appends each new token after the last column, so that column must be a real token in every row."""
+    if attention_mask is None:
+        return torch.ones_like(input_ids)
+    if not bool(attention_mask[:, -1].all()):
+        raise ValueError("generate needs left-padded, non-empty prompts: the last column of attention_mask "
+                         "must be all ones")
+    return attention_mask
+
+
 def generate(model, input_ids, attention_mask, max_new_tokens, temperature=0.9, top_p=0.8, top_k=0, greedy=False,
              eos_id=None, generator=None, n=1, prefilter=PREFILTER_K):
     """Sample max_new_tokens continuation tokens for a left-padded batch, with a KV cache.
@@ -175,11 +186,7 @@ def generate(model, input_ids, attention_mask, max_new_tokens, temperature=0.9, 
     B, T = input_ids.shape
     R = B * n
     device = input_ids.device
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    if not bool(attention_mask[:, -1].all()):
-        raise ValueError("generate needs left-padded, non-empty prompts: the last column of attention_mask "
-                         "must be all ones")
+    attention_mask = left_padded_mask(input_ids, attention_mask)
     uniforms = None if greedy else _uniforms(generator, R, max_new_tokens, device)  # [R, max_new_tokens]
     eos_ids = [] if eos_id is None else [eos_id] if isinstance(eos_id, int) else list(eos_id)
     eos = torch.tensor(eos_ids, device=device) if eos_ids else None

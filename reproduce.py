@@ -65,27 +65,28 @@ GEN_BATCH = 128
 # point of the detoxification / perplexity trade-off; `gen_batch`: sequences (prompts x samples) per sampling batch.
 # `replicate_items`: the replication runs (further DPO seeds, further placebo seeds) are sampled on the first this
 # many of the `items` (the same ones in every language; None: all) and compared on those: they answer "does the
-# pooled effect hold again", which needs fewer prompts than the per-language claims of the main run. dpo_gentle is
+# pooled effect hold again", which needs fewer prompts than the per-language claims of the main run, but at least
+# claims.MIN_ITEMS: a pooled verdict counts distinct items (item i is one source text in all 17). dpo_gentle is
 # sampled on all items, like the main run it is set beside. Margins: the main DPO run and the main placebo only.
 # `random_sets`: the probe stages' random baselines (shuffled-label probes, matched neuron sets); with 20 a rank test
 # can reach p < 0.05. The intervention samples offset 0, then each nonzero offset for the kept neurons and for every
 # random set: 1 + offsets x (1 + random_sets) generation runs; cpu stays in the fluent range (-5 breaks the text).
 PRESETS = {
-    "smoke": dict(items=2, replicate_items=1, n=2, max_new_tokens=8, seeds=[0], placebo_seeds=[0], gentle_lr_factor=None,
-                  gen_batch=64, dpo_pairs=16, dpo=dict(max_steps=2, eval_every=2, max_len=48, max_prompt_len=32,
-                                                     response_tokens=8),
+    "smoke": dict(items=2, replicate_items=1, n=2, max_new_tokens=8, seeds=[0], placebo_seeds=[0],
+                  gentle_lr_factor=None, gen_batch=64, dpo_pairs=16,
+                  dpo=dict(max_steps=2, eval_every=2, max_len=48, max_prompt_len=32, response_tokens=8),
                   margin_pairs=2, clean_limit=4, retrieval_limit=12,
                   probe_texts=40, top_k=20, random_sets=2, select_prompts=3, activation_items=2,
                   activation_langs=["en", "de", "ja"],
                   intervene_langs=["en", "de"], intervene_offsets="0,-2", intervene_prompts=2, intervene_n=1),
-    "cpu": dict(items=30, replicate_items=10, n=4, max_new_tokens=20, seeds=[0, 1, 2], placebo_seeds=[0, 1], gentle_lr_factor=0.5,
-                gen_batch=GEN_BATCH, dpo_pairs=None, dpo=dict(CPU_PRESET),
+    "cpu": dict(items=30, replicate_items=20, n=4, max_new_tokens=20, seeds=[0, 1, 2], placebo_seeds=[0, 1],
+                gentle_lr_factor=0.5, gen_batch=GEN_BATCH, dpo_pairs=None, dpo=dict(CPU_PRESET),
                 margin_pairs=30, clean_limit=30, retrieval_limit=80, probe_texts=None, top_k=100, random_sets=20,
                 select_prompts=40, activation_items=12, activation_langs=list(data.LANGS),
                 intervene_langs=["en", "de", "ja", "ru"], intervene_offsets="0,-1,-2", intervene_prompts=8,
                 intervene_n=2),
-    "paper": dict(items=None, replicate_items=None, n=25, max_new_tokens=20, seeds=[0, 1, 2], placebo_seeds=[0, 1], gentle_lr_factor=0.5,
-                  gen_batch=GEN_BATCH, dpo={}, dpo_pairs=None, margin_pairs=None,
+    "paper": dict(items=None, replicate_items=None, n=25, max_new_tokens=20, seeds=[0, 1, 2], placebo_seeds=[0, 1],
+                  gentle_lr_factor=0.5, gen_batch=GEN_BATCH, dpo={}, dpo_pairs=None, margin_pairs=None,
                   clean_limit=None, retrieval_limit=None, probe_texts=None, top_k=100, random_sets=20,
                   select_prompts=200, activation_items=None, activation_langs=list(data.LANGS),
                   intervene_langs=list(data.LANGS),
@@ -113,7 +114,7 @@ def train_flags(recipe):
     return argv
 
 
-PRIOR_STAGES = Path(__file__).resolve().parent / "results" / "cpu-2026-12-02" / "stages"  # measured on 2 cores
+PRIOR_STAGES = Path(__file__).resolve().parent / "results" / "cpu-2026-12-03" / "stages"  # measured, quiet 2 cores
 
 
 def stage_kind(name):

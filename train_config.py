@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+import data
 import lora
 from checkpoint import DEFAULT_MODEL
 from dpo import MAX_LEN, MAX_PROMPT_LEN, check_lengths
@@ -68,7 +69,7 @@ class TrainConfig:
 CPU_PRESET_WHY = (
     "A paper-sized run (5 epochs, eval every 25 steps) of the 268M-parameter default model is far too slow on a "
     "2-core CPU (even the preset's short steps take ~4 s each: bench/README.md), so the preset trains briefly and "
-    "watches it closely; these are the values of the committed run results/cpu-2026-12-02/dpo. The lr is below the "
+    "watches it closely; these are the values of the committed run results/cpu-2026-12-03/dpo. The lr is below the "
     "paper's 1e-5, which over-fitted a short run on a few hundred pairs. Freezing the tied 168M-parameter embedding"
     " (= LM head) removes most of the gradient and optimizer-state memory and time. The paper's 150 warm-up steps "
     "would outlast the whole run. The chunked log-probs never build the full logits over the 262k-token vocabulary."
@@ -190,12 +191,15 @@ def build_parser(description=__doc__):
             kind = int if f.type in (int, int | None) else float if f.type is float else str
             p.add_argument(flag, type=kind, choices=CHOICES.get(f.name), default=argparse.SUPPRESS,
                            help=help_text)
+    data.add_root_flag(p)  # without --data the English RTP-LX pairs are read from the data root
     return p
 
 
 def resolve_config(argv=None, description=__doc__):
     """(config, source of each value). Precedence: flags > saved run config (--resume) > CPU preset > paper."""
     explicit = vars(build_parser(description).parse_args(argv))
+    # where the datasets are is not part of the run: two machines with the data in different places train the same
+    data.apply_root_flag(argparse.Namespace(data_root=explicit.pop("data_root")))
     values = dataclasses.asdict(TrainConfig())
     source = {k: "paper" if k in PAPER_VALUES else "default" for k in values}
     if explicit.get("resume"):

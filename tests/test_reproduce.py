@@ -341,7 +341,7 @@ def test_cpu_preset_has_the_power_and_shares_what_repeats(tmp_path):
     assert all(f"--batch-size {cpu['gen_batch'] // cpu['n']} " in c for c in gens) and len(gens) == 7
     # the replication runs sample the first replicate_items items; base, main run, main placebo, gentle all of them
     limited = {re.search(r"generations/(\S+)\.jsonl", c)[1] for c in gens if f"--limit {cpu['replicate_items']} " in c}
-    assert limited == {"gen_dpo_seed1", "gen_dpo_seed2", "gen_dpo_placebo_seed1"} and cpu["replicate_items"] >= 10
+    assert limited == {"gen_dpo_seed1", "gen_dpo_seed2", "gen_dpo_placebo_seed1"} and cpu["replicate_items"] >= claims.MIN_ITEMS  # a pooled row counts distinct items
     assert len({re.search(r"--model-cache (\S+)", c)[1] for c in pipe.commands if " clean-ppl " in c}) == 1
     assert len({re.search(r"--reference-cache (\S+)", c)[1] for c in pipe.commands if " margins " in c}) == 1
     assert "margins.json:mean_margin_per_token" in next(c for c in pipe.commands if " correlate " in c)
@@ -459,3 +459,6 @@ def test_data_root_flag_is_read_by_the_main_command_and_every_reader(tmp_path, m
         assert data.root() == tmp_path / module.__name__, module.__name__
     with pytest.raises(data.MissingData, match=str(tmp_path / "evaluate")):
         evaluate.main(["clean-ppl", "--langs", "de", "--data-root", str(tmp_path / "evaluate")])
+    # train_dpo: the flag sets the root and stays out of the run's config (where the data is is not the run)
+    cfg, _ = train_config.resolve_config(["--out", "o", "--data-root", str(tmp_path / "train")])
+    assert data.root() == tmp_path / "train" and not hasattr(cfg, "data_root")
