@@ -706,9 +706,14 @@ def smoke_banner(r):
             "evidence run `python reproduce.py` (the cpu preset) or `--preset paper`.", ""]
 
 
+def replicate_items(sizes):
+    """The items the replication runs were sampled on (runs older than replicate_items: all of them)."""
+    return sizes.get("replicate_items", sizes["items"])
+
+
 def replicate_text(sizes):
     """'; the replication runs ... on the first K': where reproduce sampled the further seeds on fewer items."""
-    subset = sizes.get("replicate_items", sizes["items"])
+    subset = replicate_items(sizes)
     return "" if subset >= sizes["items"] else \
         (f"; the replication runs (DPO seeds after the first, placebo seeds after the first) on the first {subset} "
          "of them, compared with the base model and the placebo on those")
@@ -723,7 +728,7 @@ def seed_spread(r):
         sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else float("nan")
         lines.append(f"{scorer}: mean {signed(mean)}, SD {fmt(sd)}, range {value_range(values)}")
     sizes = r["sizes"]
-    subset = sizes.get("replicate_items", sizes["items"])
+    subset = replicate_items(sizes)
     on = f" (seed 0 on all {sizes['items']} items, the others on the first {subset}: the spread mixes seeds and " \
         "items)" if subset < sizes["items"] and len(seeds) > 1 else ""
     return f"Across {len(seeds)} seeds{on}, pooled non-English EMT change: " + "; ".join(lines) + "."
